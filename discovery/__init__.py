@@ -1,0 +1,1 @@
+"""Finding peers: mDNS announce and browse, and the peer record."""

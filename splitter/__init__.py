@@ -1,0 +1,1 @@
+"""Model families, block ranges and plans, lazy weight loading."""
