@@ -10,6 +10,7 @@ from __future__ import annotations
 import zlib
 
 import torch
+from ..checkpoint import write_safetensors
 from .config import Flux2Config
 from .stage import block_prefix, build_module, parts_for
 from ..plan import BlockRange
@@ -38,3 +39,11 @@ def random_tensor(key: str, shape: tuple[int, ...], seed: int, dtype: torch.dtyp
 def random_checkpoint(config: Flux2Config, seed: int = 0, dtype: torch.dtype = torch.float32,
                       prefix: str = "") -> dict[str, torch.Tensor]:
     return {prefix + k: random_tensor(k, s, seed, dtype) for k, s in checkpoint_shapes(config).items()}
+
+
+def write_random_checkpoint(path, config: Flux2Config, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+                            prefix: str = ""):
+    """Write a seeded random FLUX.2 checkpoint in BFL/ComfyUI key names (a real .safetensors)."""
+    metadata = {"comfy_mesh_random_seed": str(seed), "comfy_mesh_config": str(config.to_dict())}
+    write_safetensors(path, random_checkpoint(config, seed, dtype, prefix), metadata=metadata)
+    return path

@@ -1,0 +1,249 @@
+"""What a daemon hosts and how it answers requests, without any socket.
+
+`ModelHost` owns the model file, the stage for this node's blocks under the current
+plan, a small cache of per-generation context (position ids and their RoPE tables,
+keyed by content hash), and the counters STATUS reports. The server feeds it parsed
+messages on one worker thread and sends back whatever message it returns.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .. import codec as codecs
+from ..codec.base import CodecError
+from ..splitter.context_hash import ids_hash
+from ..splitter.errors import PlanError
+from ..splitter.model_file import ModelFile
+from ..splitter.plan import BlockRange, Plan, tail_split
+from .memory import memory_report
+from .protocol import (
+    ErrorCode, ForwardReply, ForwardRequest, HelloReply, HelloRequest, Message, ProtocolError, ReconfigureReply,
+    ReconfigureRequest, StatusReply, StatusRequest, PROTOCOL_VERSION, error_message,
+)
+
+log = logging.getLogger(__name__)
+
+CONTEXT_CACHE_SIZE = 8  # generations whose ids/RoPE tables stay cached
+
+
+@dataclass
+class HostSettings:
+    node_id: str  # the name plans give this node
+    name: str  # human-readable
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    max_message_bytes: int = 1 << 30  # bytes; larger requests are refused with TOO_LARGE
+
+
+class Counters:
+    """Thread-safe request and traffic counters for STATUS."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests = self.errors = self.forward_steps = 0
+        self.bytes_in = self.bytes_out = 0
+        self.step_last = 0.0
+        self.step_total = 0.0
+        self.started = time.monotonic()
+
+    def record(self, bytes_in: int, bytes_out: int, is_error: bool):
+        with self.lock:
+            self.requests += 1
+            self.errors += int(is_error)
+            self.bytes_in += bytes_in
+            self.bytes_out += bytes_out
+
+    def record_step(self, seconds: float):
+        with self.lock:
+            self.forward_steps += 1
+            self.step_last = seconds
+            self.step_total += seconds
+
+
+class ModelHost:
+    def __init__(self, model: ModelFile, settings: HostSettings, n_blocks_hosted: int = 0):
+        self.model = model
+        self.settings = settings
+        self.counters = Counters()
+        self.state = "loading"
+        n = model.config.n_blocks
+        if not 0 <= n_blocks_hosted <= n:
+            raise PlanError(f"--blocks must be in [0, {n}] for this model, got {n_blocks_hosted}")
+        self.plan: Plan = tail_split(n, n_blocks_hosted, remote=settings.node_id, epoch=0)
+        self.stage = None
+        self.weight_bytes = 0  # kept here so STATUS never walks modules the worker is changing
+        self._contexts: collections.OrderedDict[str, tuple] = collections.OrderedDict()
+        self._apply_plan(self.plan)
+
+    # ---------------------------------------------------------------- plan
+
+    @property
+    def hosted(self) -> BlockRange | None:
+        return self.plan.range_of(self.settings.node_id)
+
+    @property
+    def is_last(self) -> bool:
+        return self.hosted is not None and self.plan.is_last(self.settings.node_id)
+
+    def _apply_plan(self, plan: Plan) -> tuple[int, float]:
+        """Load and drop blocks so this node hosts its range in `plan`; returns (bytes loaded, s)."""
+        blocks = plan.range_of(self.settings.node_id)
+        self.state = "loading"
+        try:
+            if blocks is None:
+                self.stage = None  # hosts nothing: free every weight
+                if torch.device(self.settings.device).type == "cuda":
+                    torch.cuda.empty_cache()
+                loaded, seconds = 0, 0.0
+            elif self.stage is None:
+                t0 = time.perf_counter()
+                self.stage = self.model.stage(blocks, first=False, last=plan.is_last(self.settings.node_id),
+                                              device=self.settings.device, dtype=self.settings.dtype,
+                                              show_progress=True)
+                loaded, seconds = self.stage.weight_bytes(), time.perf_counter() - t0
+            else:
+                change = self.stage.set_range(blocks, first=False, last=plan.is_last(self.settings.node_id))
+                loaded, seconds = change.loaded_bytes, change.seconds
+        finally:
+            self.state = "serving" if self.stage is not None else "idle"
+            self.weight_bytes = self.stage.weight_bytes() if self.stage is not None else 0
+        self.plan = plan
+        return loaded, seconds
+
+    # ---------------------------------------------------------------- requests
+
+    def handle(self, msg: Message) -> Message:
+        """Answer one request; never raises (errors become ERROR replies)."""
+        try:
+            reply = self._dispatch(msg)
+        except ProtocolError as exc:
+            reply = error_message(exc.code, exc.message, msg.id, exc.plan)
+        except (PlanError, CodecError) as exc:
+            reply = error_message(ErrorCode.BAD_REQUEST, str(exc), msg.id)
+        except torch.OutOfMemoryError as exc:
+            if torch.device(self.settings.device).type == "cuda":
+                torch.cuda.empty_cache()
+            reply = error_message(ErrorCode.OOM, f"{self.settings.name} ran out of GPU memory: {exc}. "
+                                                 "Host fewer blocks here (lower n_blocks_remote) or free the GPU",
+                                  msg.id)
+        except Exception as exc:  # a bug must not take the daemon down; log it and answer
+            log.exception("internal error answering %s", msg.type)
+            reply = error_message(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc} (see the daemon log)", msg.id)
+        reply.id = msg.id
+        return reply
+
+    def _dispatch(self, msg: Message) -> Message:
+        body = msg.body
+        if isinstance(body, HelloRequest):
+            return self.hello(body)
+        if isinstance(body, ForwardRequest):
+            return self.forward(body, msg.tensors)
+        if isinstance(body, ReconfigureRequest):
+            return self.reconfigure(body)
+        if isinstance(body, StatusRequest):
+            return Message(self.status())
+        raise ProtocolError(ErrorCode.MALFORMED, f"a daemon does not accept {msg.type} messages")
+
+    def hello(self, req: HelloRequest) -> Message:
+        if req.proto != PROTOCOL_VERSION:
+            raise ProtocolError(ErrorCode.VERSION, f"client speaks protocol {req.proto}, daemon {PROTOCOL_VERSION}")
+        if req.fingerprint is not None and req.fingerprint != self.model.fingerprint:
+            raise ProtocolError(
+                ErrorCode.FINGERPRINT,
+                f"model mismatch: daemon {self.settings.name} serves {self.model.path.name} (fingerprint "
+                f"{self.model.fingerprint[:12]}), the client's model has fingerprint {req.fingerprint[:12]}; "
+                "load the same checkpoint file on both sides")
+        hosted = self.hosted
+        return Message(HelloReply(
+            node=self.settings.node_id, name=self.settings.name, proto=PROTOCOL_VERSION, model=self.model.spec,
+            fingerprint=self.model.fingerprint, family=self.model.family, config=self.model.config.to_dict(),
+            n_blocks=self.model.config.n_blocks, hosted=hosted.to_list() if hosted else None, last=self.is_last,
+            epoch=self.plan.epoch, codecs=codecs.available(), device=self.settings.device,
+            max_message_bytes=self.settings.max_message_bytes))
+
+    def reconfigure(self, req: ReconfigureRequest) -> Message:
+        plan = Plan.from_dict(req.plan)
+        if plan.n_blocks != self.model.config.n_blocks:
+            raise PlanError(f"plan is for {plan.n_blocks} blocks, this model has {self.model.config.n_blocks}")
+        if plan.epoch < self.plan.epoch or (plan.epoch == self.plan.epoch and plan != self.plan):
+            raise _stale(self.plan, f"plan epoch {plan.epoch} is not newer than the current {self.plan.epoch}")
+        loaded, seconds = self._apply_plan(plan) if plan != self.plan else (0, 0.0)
+        hosted = self.hosted
+        log.info("plan epoch %d: hosting %s", plan.epoch, hosted)
+        return Message(ReconfigureReply(epoch=plan.epoch, hosted=hosted.to_list() if hosted else None,
+                                        last=self.is_last, loaded_bytes=loaded, seconds=seconds))
+
+    def _context(self, req: ForwardRequest, tensors: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(txt_ids, img_ids, RoPE table) for this generation, from the request or the cache."""
+        if "txt_ids" in tensors and "img_ids" in tensors:
+            txt_ids = codecs.decode(tensors["txt_ids"])
+            img_ids = codecs.decode(tensors["img_ids"])
+            if ids_hash(txt_ids, img_ids) != req.ids_hash:
+                raise ProtocolError(ErrorCode.BAD_REQUEST, "ids_hash does not match the position ids sent")
+            self._contexts[req.ids_hash] = (txt_ids, img_ids, self.stage.rope(txt_ids, img_ids))
+            while len(self._contexts) > CONTEXT_CACHE_SIZE:
+                self._contexts.popitem(last=False)
+        if req.ids_hash not in self._contexts:
+            raise ProtocolError(ErrorCode.MISSING_CONTEXT, f"position ids {req.ids_hash} are not cached here; resend them")
+        self._contexts.move_to_end(req.ids_hash)
+        return self._contexts[req.ids_hash]
+
+    def forward(self, req: ForwardRequest, tensors: dict) -> Message:
+        if req.epoch != self.plan.epoch:
+            raise _stale(self.plan, f"request made under plan epoch {req.epoch}, current is {self.plan.epoch}")
+        if self.stage is None:
+            raise ProtocolError(ErrorCode.NOT_HOSTING, "this daemon hosts no blocks under the current plan")
+        if "carry" not in tensors:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "FORWARD without a 'carry' tensor")
+        reply_codec = codecs.get(req.reply_codec)
+        t0 = time.perf_counter()
+        hidden = codecs.decode(tensors["carry"], device=self.settings.device)
+        txt_ids, img_ids, pe = self._context(req, tensors)
+        c = self.model.config
+        if hidden.ndim != 3 or hidden.shape[-1] != c.hidden_size or hidden.shape[1] != txt_ids.shape[1] + img_ids.shape[1]:
+            raise ProtocolError(ErrorCode.BAD_REQUEST,
+                                f"carry of shape {tuple(hidden.shape)} does not fit this model (hidden {c.hidden_size}) "
+                                f"and {txt_ids.shape[1]}+{img_ids.shape[1]} tokens")
+        if len(req.timestep) != hidden.shape[0]:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{len(req.timestep)} timesteps for a batch of {hidden.shape[0]}")
+        t1 = time.perf_counter()
+        timestep = torch.tensor(req.timestep, dtype=torch.float32)
+        guidance = torch.tensor(req.guidance, dtype=torch.float32) if req.guidance is not None else None
+        ctx = self.stage.context(timestep, guidance, txt_ids, img_ids, pe=pe)
+        out = self.stage.run_blocks(hidden, ctx)
+        kind = "hidden"
+        if self.is_last:
+            out, kind = self.stage.finish(out, ctx), "output"
+        if out.device.type == "cuda":
+            torch.cuda.synchronize(out.device)
+        t2 = time.perf_counter()
+        encoded = reply_codec.encode(out)
+        t3 = time.perf_counter()
+        self.counters.record_step(t2 - t1)
+        return Message(ForwardReply(step=req.step, kind=kind, decode_s=t1 - t0, compute_s=t2 - t1, encode_s=t3 - t2),
+                       tensors={"result": encoded})
+
+    def status(self) -> StatusReply:
+        cnt = self.counters
+        hosted = self.hosted
+        with cnt.lock:
+            mean = cnt.step_total / cnt.forward_steps if cnt.forward_steps else 0.0
+            return StatusReply(
+                node=self.settings.node_id, name=self.settings.name, state=self.state, model=self.model.spec,
+                hosted=hosted.to_list() if hosted else None, last=self.is_last, epoch=self.plan.epoch,
+                device=self.settings.device,
+                memory=memory_report(self.settings.device, self.weight_bytes),
+                requests=cnt.requests, errors=cnt.errors, forward_steps=cnt.forward_steps,
+                step_s={"last": cnt.step_last, "mean": mean}, bytes_in=cnt.bytes_in, bytes_out=cnt.bytes_out,
+                uptime_s=time.monotonic() - cnt.started, codecs=codecs.available())
+
+
+def _stale(plan: Plan, why: str) -> ProtocolError:
+    return ProtocolError(ErrorCode.STALE_EPOCH, f"{why}; adopt the plan in this reply and retry", plan.to_dict())

@@ -1,0 +1,59 @@
+"""`comfy-mesh daemon`: serve the tail of a model on this node's GPU (or CPU)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import socket
+import sys
+import uuid
+
+import torch
+
+from ..splitter.model_file import dtype_from_name, open_model
+from .host import HostSettings, ModelHost
+from .server import DaemonServer, ServerSettings
+
+log = logging.getLogger(__name__)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="checkpoint: a .safetensors path or hf://ORG/REPO/file.safetensors (local cache honoured)")
+    p.add_argument("--blocks", type=int, default=0, metavar="K",
+                   help="host the last K blocks and the final layer from the start (default 0: wait for a plan)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 serves the LAN")
+    p.add_argument("--port", type=int, default=5599, help="TCP port (0 picks a free one); default 5599")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
+    p.add_argument("--dtype", default=None, help="weights and compute dtype (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--name", default=None, help="human-readable node name (default: hostname)")
+    p.add_argument("--node-id", default=None, help="the name plans use for this node (default: random, stable per run)")
+    p.add_argument("--max-message-mb", type=float, default=1024.0, help="refuse requests larger than this (MB)")
+
+
+def build(args: argparse.Namespace) -> DaemonServer:
+    device = args.device or default_device()
+    dtype = dtype_from_name(args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    model = open_model(args.model)
+    settings = HostSettings(node_id=args.node_id or f"node-{uuid.uuid4().hex[:8]}",
+                            name=args.name or socket.gethostname(), device=device, dtype=dtype,
+                            max_message_bytes=int(args.max_message_mb * 1e6))
+    host = ModelHost(model, settings, n_blocks_hosted=args.blocks)
+    return DaemonServer(host, ServerSettings(bind_host=args.host, port=args.port))
+
+
+def run(args: argparse.Namespace) -> int:
+    server = build(args)
+    server.start()
+    hosted = server.host.hosted
+    # One JSON line on stdout says the daemon is ready and where; logs go to stderr.
+    sys.stdout.write(json.dumps({"event": "ready", "endpoint": server.endpoint, "node": server.host.settings.node_id,
+                                 "hosted": hosted.to_list() if hosted else None}) + "\n")
+    sys.stdout.flush()
+    server.serve_forever()
+    return 0

@@ -1,0 +1,193 @@
+"""`comfy-mesh demo`: prove a split generation equals the unsplit one, and show the cost.
+
+It writes a tiny seeded FLUX.2 checkpoint (a real .safetensors in BFL/ComfyUI key
+names), starts a daemon process on loopback hosting the last `n` blocks, runs the
+same flow-matching Euler loop all-local and split, and reports what crossed the wire.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+
+from . import codec as codecs
+from .daemon.client import DaemonClient
+from .daemon.remote_stage import RemoteStage
+from .splitter.flux2.config import KNOWN_SIZES
+from .splitter.flux2.random_weights import write_random_checkpoint
+from .splitter.flux2.stage import image_ids, text_ids
+from .splitter.model_file import dtype_from_name, open_model
+from .splitter.plan import BlockRange, tail_split
+from .splitter.sampling import euler_sample, flow_sigmas
+from .splitter.split_runner import SplitRunner
+
+log = logging.getLogger(__name__)
+
+DAEMON_START_TIMEOUT_S = 120
+
+
+@dataclass
+class DemoInputs:
+    noise: torch.Tensor  # (B, n_img, C) latent tokens
+    txt: torch.Tensor  # (B, n_txt, context_dim)
+    img_ids: torch.Tensor
+    txt_ids: torch.Tensor
+    guidance: torch.Tensor | None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--n-blocks-remote", type=int, default=None, metavar="K",
+                   help="blocks the daemon runs (default: half the model, rounded up)")
+    p.add_argument("--codec", default="raw", help=f"activation codec: {', '.join(codecs.available())} (default raw)")
+    p.add_argument("--quality", type=float, default=None, help="lossy codec quality (codec default if omitted)")
+    p.add_argument("--steps", type=int, default=8, help="sampler steps (default 8)")
+    p.add_argument("--checkpoint", default=None,
+                   help="a FLUX.2 .safetensors (or hf:// file) to use instead of the tiny generated one")
+    p.add_argument("--size", type=int, default=32, help="latent grid side in tokens (default 32: 32x32 tokens)")
+    p.add_argument("--text-tokens", type=int, default=64, help="text tokens (default 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
+    p.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def make_inputs(config, size: int, n_txt: int, seed: int) -> DemoInputs:
+    gen = torch.Generator().manual_seed(seed)
+    return DemoInputs(
+        noise=torch.randn(1, size * size, config.in_channels, generator=gen),
+        txt=torch.randn(1, n_txt, config.context_dim, generator=gen),
+        img_ids=image_ids(1, size, size), txt_ids=text_ids(1, n_txt),
+        guidance=torch.tensor([4.0]) if config.guidance_embed else None)
+
+
+def sample(model_fn, inputs: DemoInputs, steps: int) -> tuple[torch.Tensor, list[float]]:
+    """Run the Euler loop; returns the final latent and each step's seconds."""
+    times = []
+
+    def velocity(x, sigma, i):
+        t0 = time.perf_counter()
+        v = model_fn(x, inputs.txt, sigma, inputs.img_ids, inputs.txt_ids, inputs.guidance, i)
+        times.append(time.perf_counter() - t0)
+        return v
+
+    return euler_sample(velocity, inputs.noise, flow_sigmas(steps, shift=3.0)), times
+
+
+def start_daemon(checkpoint: str, n_blocks: int, device: str, dtype: str) -> tuple[subprocess.Popen, str]:
+    """A real daemon process on loopback; returns it and its endpoint once it is ready."""
+    cmd = [sys.executable, "-m", "comfy_mesh.cli", "daemon", "--model", checkpoint, "--blocks", str(n_blocks),
+           "--port", "0", "--device", device, "--dtype", dtype, "--name", "demo-daemon"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + DAEMON_START_TIMEOUT_S
+    line = ""
+    while time.monotonic() < deadline and proc.poll() is None:
+        line = proc.stdout.readline()  # the daemon's first stdout line is its ready record
+        if line:
+            break
+    if not line:
+        proc.kill()
+        raise RuntimeError(f"the demo daemon did not start (exit code {proc.poll()}); see its log above")
+    return proc, json.loads(line)["endpoint"]
+
+
+def run_demo(args: argparse.Namespace) -> dict:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype_name = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    dtype = dtype_from_name(dtype_name)
+    settings = {} if args.quality is None else {"quality": args.quality}
+    codec = codecs.get(args.codec, **settings)
+
+    with tempfile.TemporaryDirectory(prefix="comfy-mesh-demo-") as tmp:
+        checkpoint = args.checkpoint
+        if checkpoint is None:
+            checkpoint = os.path.join(tmp, "tiny-flux2.safetensors")
+            write_random_checkpoint(checkpoint, KNOWN_SIZES["tiny"], seed=args.seed)
+        model = open_model(checkpoint)
+        config = model.config
+        n_remote = (config.n_blocks + 1) // 2 if args.n_blocks_remote is None else args.n_blocks_remote
+        plan = tail_split(config.n_blocks, n_remote, remote="demo-remote")
+        inputs = make_inputs(config, args.size, args.text_tokens, args.seed)
+
+        # All-local reference.
+        whole = model.stage(BlockRange(0, config.n_blocks), first=True, last=True, device=device, dtype=dtype)
+        local_final, local_times = sample(whole, inputs, args.steps)
+        del whole
+
+        # Split: local front + daemon tail over loopback ZeroMQ.
+        proc, endpoint = start_daemon(checkpoint, n_remote, device, dtype_name)
+        try:
+            client = DaemonClient(endpoint, name="demo")
+            remote = RemoteStage(client, codec, measure_error=True)
+            info = remote.connect(fingerprint=model.fingerprint)
+            plan = tail_split(config.n_blocks, n_remote, remote=info.node, epoch=info.epoch)
+            front = model.stage(plan.local, first=True, last=plan.is_last("local"), device=device, dtype=dtype)
+            runner = SplitRunner(front, plan, {info.node: remote})
+            split_final, split_times = sample(runner, inputs, args.steps)
+            client.close()
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        model.close()
+
+    hops = [h for s in runner.stats for h in s.hops]
+    steps = max(len(runner.stats), 1)
+    bytes_per_step = sum(h.bytes_out + h.bytes_in for h in hops) / steps
+    raw_per_step = sum(h.raw_bytes for h in hops) / steps
+    errs = [h.rel_err for h in hops if h.rel_err is not None]
+    ref = local_final.float()
+    return {
+        "model": f"flux2 hidden {config.hidden_size}, {config.depth_double}+{config.depth_single} blocks "
+                 f"({os.path.basename(checkpoint) if args.checkpoint else 'tiny, generated'})",
+        "device": device, "dtype": dtype_name,
+        "tokens": {"image": args.size * args.size, "text": args.text_tokens},
+        "steps": args.steps,
+        "n_blocks": config.n_blocks,
+        "n_blocks_remote": n_remote,
+        "codec": args.codec,
+        "quality": getattr(codec, "quality", None),
+        "bytes_per_step": bytes_per_step,
+        "raw_bytes_per_step": raw_per_step,
+        "ratio": raw_per_step / bytes_per_step if bytes_per_step else None,
+        "hop_rel_err": sum(errs) / len(errs) if errs else 0.0,
+        "final_rel_err": float((split_final.float() - ref).norm() / ref.norm()),
+        # The first step of each loop includes one-time work (warm-up, context upload): report the median.
+        "local_step_s": _median(local_times),
+        "split_step_s": _median(split_times),
+    }
+
+
+def _median(values: list[float]) -> float:
+    values = sorted(values)
+    return values[len(values) // 2] if values else 0.0
+
+
+def format_table(r: dict) -> str:
+    rows = [
+        ("model", r["model"]), ("device / dtype", f"{r['device']} / {r['dtype']}"),
+        ("tokens", f"{r['tokens']['image']} image + {r['tokens']['text']} text"),
+        ("steps", r["steps"]), ("split", f"{r['n_blocks'] - r['n_blocks_remote']} local + {r['n_blocks_remote']} remote"),
+        ("codec", r["codec"] + (f" (quality {r['quality']})" if r["quality"] is not None else "")),
+        ("wire bytes / step", f"{r['bytes_per_step'] / 1e6:.3f} MB (both directions)"),
+        ("as bf16 / step", f"{r['raw_bytes_per_step'] / 1e6:.3f} MB"),
+        ("ratio", f"{r['ratio']:.2f}x" if r["ratio"] else "-"),
+        ("carry error per hop", f"{r['hop_rel_err']:.2e} (relative L2)"),
+        ("final latent vs all-local", f"{r['final_rel_err']:.2e} (relative L2)"),
+        ("step time local / split", f"{r['local_step_s'] * 1e3:.1f} ms / {r['split_step_s'] * 1e3:.1f} ms"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def run(args: argparse.Namespace) -> int:
+    result = run_demo(args)
+    print(json.dumps(result, indent=None if args.json else 2) if args.json else format_table(result))
+    return 0

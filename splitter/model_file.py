@@ -1,0 +1,73 @@
+"""A model checkpoint a node serves: which family, which sizes, which file.
+
+`open_model(spec)` resolves a local path or `hf://` reference, reads only the header,
+recognises the family from key names and infers its config from tensor shapes. Block
+weights are read later, and only those a stage hosts (`ModelFile.stage`).
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+from dataclasses import dataclass
+
+import torch
+
+from .checkpoint import SafetensorsCheckpoint, resolve_checkpoint, tqdm_progress
+from .errors import ModelFormatError
+from .flux2.config import FLUX2_MARKER_KEYS, Flux2Config
+from .flux2.stage import Flux2Stage, WeightLoader
+from .plan import BlockRange
+
+log = logging.getLogger(__name__)
+
+FAMILIES = ("flux2",)
+
+
+@dataclass
+class ModelFile:
+    spec: str  # what the user named: a path or hf://org/repo/file.safetensors
+    path: pathlib.Path
+    family: str
+    config: Flux2Config
+    fingerprint: str
+    checkpoint: SafetensorsCheckpoint
+
+    def loader(self, device: torch.device | str, dtype: torch.dtype, show_progress: bool = False) -> WeightLoader:
+        def load(keys: list[str]) -> dict[str, torch.Tensor]:
+            progress = tqdm_progress(f"loading {len(keys)} tensors") if show_progress else None
+            return self.checkpoint.load(keys, device=device, dtype=dtype, progress=progress)
+        return load
+
+    def stage(self, blocks: BlockRange, *, first: bool, last: bool, device: torch.device | str = "cpu",
+              dtype: torch.dtype = torch.float32, park_on_cpu: bool = False,
+              show_progress: bool = False) -> Flux2Stage:
+        return Flux2Stage(self.config, blocks, first=first, last=last,
+                          load_weights=self.loader(device, dtype, show_progress), device=device, dtype=dtype,
+                          park_on_cpu=park_on_cpu)
+
+    def close(self) -> None:
+        self.checkpoint.close()
+
+
+def open_model(spec: str) -> ModelFile:
+    path = resolve_checkpoint(spec)
+    checkpoint = SafetensorsCheckpoint(path, markers=FLUX2_MARKER_KEYS)
+    try:
+        shapes = {k: checkpoint.shape(k) for k in checkpoint.logical_keys()}
+        config = Flux2Config.from_shapes(shapes)
+        fingerprint = checkpoint.fingerprint()
+    except BaseException:
+        checkpoint.close()
+        raise
+    log.info("%s: FLUX.2, hidden %d, %d double + %d single blocks, fingerprint %s", path.name, config.hidden_size,
+             config.depth_double, config.depth_single, fingerprint[:12])
+    return ModelFile(str(spec), path, "flux2", config, fingerprint, checkpoint)
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise ModelFormatError(f"unknown dtype {name!r}; use one of {', '.join(table)}")
+    return table[name]
