@@ -75,7 +75,7 @@ def sample(model_fn, inputs: DemoInputs, steps: int) -> tuple[torch.Tensor, list
 
     def velocity(x, sigma, i):
         t0 = time.perf_counter()
-        v = model_fn(x, inputs.txt, sigma, inputs.img_ids, inputs.txt_ids, inputs.guidance, i)
+        v = model_fn(x, inputs.txt, sigma, inputs.img_ids, inputs.txt_ids, inputs.guidance)
         times.append(time.perf_counter() - t0)
         return v
 

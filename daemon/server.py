@@ -23,6 +23,7 @@ from .protocol import ErrorCode, HelloRequest, Message, ProtocolError, StatusReq
 log = logging.getLogger(__name__)
 
 POLL_MS = 100  # how often the loop checks for a stop request
+HARD_FRAME_SLACK_BYTES = 256 << 20  # see MAXMSGSIZE below
 
 
 @dataclass
@@ -96,9 +97,11 @@ class DaemonServer:
         replies = self._ctx.socket(zmq.PULL)
         try:
             router.setsockopt(zmq.LINGER, self.settings.linger_ms)
-            # A hard guard below the application check: libzmq drops a peer that sends a
-            # single frame this large before we ever allocate for it.
-            router.setsockopt(zmq.MAXMSGSIZE, 2 * self.host.settings.max_message_bytes)
+            # A hard guard behind the application check: libzmq silently drops a peer that
+            # sends one frame this large, before we allocate for it. It sits well above the
+            # configured limit so that ordinary oversize requests get a clear TOO_LARGE reply.
+            limit = self.host.settings.max_message_bytes
+            router.setsockopt(zmq.MAXMSGSIZE, max(2 * limit, limit + HARD_FRAME_SLACK_BYTES))
             replies.bind(self._inproc)
             if self.settings.port:
                 router.bind(f"tcp://{self.settings.bind_host}:{self.settings.port}")

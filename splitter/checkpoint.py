@@ -241,6 +241,11 @@ def _sniff_safetensors(path: pathlib.Path) -> None:
             head = f.read(32)
     except OSError as exc:
         raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {exc}") from exc
+    # A valid safetensors start wins: its 8-byte length may begin with any byte (0x80,
+    # "PK", ...), so the other formats' signatures are only consulted when it fails.
+    n = int.from_bytes(head[:8], "little") if len(head) >= 9 else 0
+    if 2 <= n <= MAX_HEADER_BYTES and head[8:9] == b"{":
+        return
     if head.startswith(b"version https://git-lfs"):
         raise CheckpointError(
             f"{str(path)!r} is a git-LFS pointer, not the model: fetch the real file with `git lfs pull` "
@@ -254,12 +259,10 @@ def _sniff_safetensors(path: pathlib.Path) -> None:
         )
     if len(head) < 9:
         raise CheckpointError(f"{str(path)!r} is too short to be a safetensors file ({len(head)} bytes)")
-    n = int.from_bytes(head[:8], "little")
-    if not (2 <= n <= MAX_HEADER_BYTES) or head[8:9] != b"{":
-        raise CheckpointError(
-            f"{str(path)!r} is not a safetensors file (no valid header at its start); "
-            f"re-download it or point at the right file"
-        )
+    raise CheckpointError(
+        f"{str(path)!r} is not a safetensors file (no valid header at its start); "
+        f"re-download it or point at the right file"
+    )
 
 
 # --------------------------------------------------------------------------- reading

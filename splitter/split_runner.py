@@ -47,6 +47,7 @@ class SplitRunner:
         self._pending: Plan | None = None
         self._lock = threading.Lock()
         self.stats: list[StepStats] = []
+        self.steps_run = 0
         self._pe_cache: tuple[str, torch.Tensor] | None = None
         self._install(plan)
 
@@ -79,7 +80,10 @@ class SplitRunner:
     # ---------------------------------------------------------------- compute
 
     def __call__(self, img: torch.Tensor, txt: torch.Tensor, timestep: torch.Tensor, img_ids: torch.Tensor,
-                 txt_ids: torch.Tensor, guidance: torch.Tensor | None = None, step: int = 0) -> torch.Tensor:
+                 txt_ids: torch.Tensor, guidance: torch.Tensor | None = None) -> torch.Tensor:
+        """One model evaluation (the same signature as a whole `Flux2Stage`)."""
+        step = self.steps_run
+        self.steps_run += 1
         with self._lock:
             pending, self._pending = self._pending, None
         if pending is not None and pending != self.plan:

@@ -529,3 +529,19 @@ def test_loading_a_few_blocks_costs_only_their_bytes(tmp_path):
     # a little beyond them) pass through read().
     assert m["want"] <= m["read"] < 0.5 * file_size, m
     assert m["read"] <= m["want"] + 2**20, m
+
+
+def test_header_length_starting_with_a_pickle_byte_is_still_safetensors(tmp_path):
+    # Regression: a header 0x...80 bytes long starts the file with 0x80, pickle's magic byte.
+    import json
+    import struct
+
+    from comfy_mesh.splitter.checkpoint import resolve_checkpoint
+
+    header = {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}
+    text = json.dumps(header).encode()
+    text += b" " * (0x180 - len(text))
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(struct.pack("<Q", len(text)) + text + b"\0\0\0\0")
+    assert path.read_bytes()[:1] == b"\x80"
+    assert resolve_checkpoint(str(path)) == path
