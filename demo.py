@@ -60,11 +60,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
-def make_inputs(config, size: int, n_txt: int, seed: int) -> DemoInputs:
+def make_inputs(config, size: int, n_txt: int, seed: int, device: str = "cpu") -> DemoInputs:
+    """Seeded noise and a stand-in text embedding (the demo has no text encoder)."""
     gen = torch.Generator().manual_seed(seed)
     return DemoInputs(
-        noise=torch.randn(1, size * size, config.in_channels, generator=gen),
-        txt=torch.randn(1, n_txt, config.context_dim, generator=gen),
+        noise=torch.randn(1, size * size, config.in_channels, generator=gen).to(device),
+        txt=torch.randn(1, n_txt, config.context_dim, generator=gen).to(device),
         img_ids=image_ids(1, size, size), txt_ids=text_ids(1, n_txt),
         guidance=torch.tensor([4.0]) if config.guidance_embed else None)
 
@@ -76,6 +77,8 @@ def sample(model_fn, inputs: DemoInputs, steps: int) -> tuple[torch.Tensor, list
     def velocity(x, sigma, i):
         t0 = time.perf_counter()
         v = model_fn(x, inputs.txt, sigma, inputs.img_ids, inputs.txt_ids, inputs.guidance)
+        if v.is_cuda:
+            torch.cuda.synchronize(v.device)  # time the work, not its launch
         times.append(time.perf_counter() - t0)
         return v
 
@@ -115,12 +118,14 @@ def run_demo(args: argparse.Namespace) -> dict:
         config = model.config
         n_remote = (config.n_blocks + 1) // 2 if args.n_blocks_remote is None else args.n_blocks_remote
         plan = tail_split(config.n_blocks, n_remote, remote="demo-remote")
-        inputs = make_inputs(config, args.size, args.text_tokens, args.seed)
+        inputs = make_inputs(config, args.size, args.text_tokens, args.seed, device)
 
         # All-local reference.
         whole = model.stage(BlockRange(0, config.n_blocks), first=True, last=True, device=device, dtype=dtype)
         local_final, local_times = sample(whole, inputs, args.steps)
         del whole
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()  # the daemon process needs the room
 
         # Split: local front + daemon tail over loopback ZeroMQ.
         proc, endpoint = start_daemon(checkpoint, n_remote, device, dtype_name)
@@ -153,7 +158,7 @@ def run_demo(args: argparse.Namespace) -> dict:
         "n_blocks": config.n_blocks,
         "n_blocks_remote": n_remote,
         "codec": args.codec,
-        "quality": getattr(codec, "quality", None),
+        "quality": getattr(codec.settings, "quality", None),
         "bytes_per_step": bytes_per_step,
         "raw_bytes_per_step": raw_per_step,
         "ratio": raw_per_step / bytes_per_step if bytes_per_step else None,

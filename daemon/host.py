@@ -79,6 +79,7 @@ class ModelHost:
         self.plan: Plan = tail_split(n, n_blocks_hosted, remote=settings.node_id, epoch=0)
         self.stage = None
         self.weight_bytes = 0  # kept here so STATUS never walks modules the worker is changing
+        self._reply_codecs: dict = {}
         self._contexts: collections.OrderedDict[str, tuple] = collections.OrderedDict()
         self._apply_plan(self.plan)
 
@@ -202,7 +203,7 @@ class ModelHost:
             raise ProtocolError(ErrorCode.NOT_HOSTING, "this daemon hosts no blocks under the current plan")
         if "carry" not in tensors:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "FORWARD without a 'carry' tensor")
-        reply_codec = codecs.get(req.reply_codec)
+        reply_codec = self._reply_codec(req.reply_codec, req.reply_settings)
         t0 = time.perf_counter()
         hidden = codecs.decode(tensors["carry"], device=self.settings.device)
         txt_ids, img_ids, pe = self._context(req, tensors)
@@ -229,6 +230,14 @@ class ModelHost:
         self.counters.record_step(t2 - t1)
         return Message(ForwardReply(step=req.step, kind=kind, decode_s=t1 - t0, compute_s=t2 - t1, encode_s=t3 - t2),
                        tensors={"result": encoded})
+
+    def _reply_codec(self, name: str, settings: dict):
+        key = (name, tuple(sorted(settings.items())))
+        if key not in self._reply_codecs:
+            if len(self._reply_codecs) >= 16:  # settings come from clients: keep the cache bounded
+                self._reply_codecs.clear()
+            self._reply_codecs[key] = codecs.get(name, **settings)  # CodecError -> BAD_REQUEST
+        return self._reply_codecs[key]
 
     def status(self) -> StatusReply:
         cnt = self.counters

@@ -92,6 +92,7 @@ class ForwardRequest:
     ids_hash: str  # content hash of (txt_ids, img_ids); the tensors ride along once
     guidance: list | None = None
     reply_codec: str = "raw"  # codec for what comes back (model output or hidden state)
+    reply_settings: dict = field(default_factory=dict)  # its settings, e.g. {"quality": 7}
 
 
 @dataclass

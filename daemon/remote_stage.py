@@ -7,6 +7,7 @@ the wire for each step.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
@@ -38,10 +39,15 @@ class HopStats:
 
 
 class RemoteStage:
-    def __init__(self, client: DaemonClient, codec: Codec, reply_codec: str = "raw", measure_error: bool = False):
+    def __init__(self, client: DaemonClient, codec: Codec, reply_codec: str | None = None,
+                 measure_error: bool = False):
+        """`reply_codec`: how the daemon encodes what it sends back (default: the same codec,
+        with the daemon's default settings for it)."""
         self.client = client
         self.codec = codec
-        self.reply_codec = reply_codec
+        self.reply_codec = reply_codec or codec.name
+        same = self.reply_codec == codec.name and dataclasses.is_dataclass(getattr(codec, "settings", None))
+        self.reply_settings = dataclasses.asdict(codec.settings) if same else {}
         self.measure_error = measure_error
         self.session = uuid.uuid4().hex[:16]
         self.info: HelloReply | None = None
@@ -71,7 +77,7 @@ class RemoteStage:
         t1 = time.perf_counter()
         body = ForwardRequest(epoch=epoch, session=self.session, step=step, timestep=timestep.float().tolist(),
                               ids_hash=ids_hash, guidance=guidance.float().tolist() if guidance is not None else None,
-                              reply_codec=self.reply_codec)
+                              reply_codec=self.reply_codec, reply_settings=self.reply_settings)
         sent0, recv0 = self.client.bytes_sent, self.client.bytes_received
         tensors = {"carry": carry}
         if ids_hash not in self._ids_sent:
