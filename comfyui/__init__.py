@@ -1,0 +1,1 @@
+"""The ComfyUI adapter: nodes that split a loaded model to a comfy-mesh daemon."""
