@@ -43,12 +43,54 @@ class EncodedTensor:
         return float(self.header.get("rel_err_bound", 0.0))
 
 
+class CodecStateError(CodecError):
+    """A delta message does not fit the receiver's stream state (a message was lost, or
+    one end restarted): the sender must reset its state and send a key message."""
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where a carry's tokens sit: `n_txt` text tokens first, then an `h` x `w` image grid.
+
+    A hint: codecs that exploit the grid (spatial transforms) use it, others ignore it.
+    """
+
+    n_txt: int
+    h: int
+    w: int
+
+    @property
+    def tokens(self) -> int:
+        return self.n_txt + self.h * self.w
+
+
+@dataclass
+class StreamState:
+    """One end's memory of one stream (one direction of one generation), for codecs that
+    code the change from the previous message. Each end owns one per stream and passes
+    it to every encode/decode of that stream; `reset()` starts over with a key message.
+    Stateless codecs ignore it."""
+
+    seq: int = -1  # sequence number of the last message coded or decoded
+    reference: object = None  # codec-specific reconstruction both ends agree on
+    signature: tuple | None = None  # shape/layout the reference belongs to
+
+    def reset(self) -> None:
+        self.seq, self.reference, self.signature = -1, None, None
+
+
 @runtime_checkable
 class Codec(Protocol):
-    """What every backend provides. `name` is the registry name."""
+    """What every backend provides. `name` is the registry name.
+
+    `state` and `layout` are optional context: a stream's StreamState (temporal codecs)
+    and a TokenLayout hint (spatial codecs); backends that do not use them ignore them.
+    """
 
     name: str
 
-    def encode(self, tensor: torch.Tensor) -> EncodedTensor: ...
+    def encode(self, tensor: torch.Tensor, *, state: StreamState | None = None,
+               layout: TokenLayout | None = None) -> EncodedTensor: ...
 
-    def decode(self, message: EncodedTensor, device: torch.device | str | None = None) -> torch.Tensor: ...
+    def decode(self, message: EncodedTensor, device: torch.device | str | None = None, *,
+               state: StreamState | None = None) -> torch.Tensor: ...

@@ -194,7 +194,8 @@ class CpuCodec:
 
     # ----------------------------------------------------------------- encode
 
-    def encode(self, tensor: torch.Tensor) -> EncodedTensor:
+    def encode(self, tensor: torch.Tensor, *, state=None, layout=None) -> EncodedTensor:
+        # Stateless and layout-blind: `state` and `layout` are accepted and ignored.
         t = input_tensor(tensor)
         shape = tuple(t.shape)
         tokens, channels = _tokens_channels(shape)
@@ -296,7 +297,7 @@ class CpuCodec:
 
     # ----------------------------------------------------------------- decode
 
-    def decode(self, message: EncodedTensor, device: torch.device | str | None = None) -> torch.Tensor:
+    def decode(self, message: EncodedTensor, device: torch.device | str | None = None, *, state=None) -> torch.Tensor:
         """A new, writable tensor of the original shape and dtype."""
         p = unpack(message)
         tokens, channels = _tokens_channels(p.shape)

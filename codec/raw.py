@@ -45,7 +45,8 @@ class RawCodec:
     def __init__(self, settings: RawSettings | None = None) -> None:
         self.settings = settings or RawSettings()
 
-    def encode(self, tensor: torch.Tensor) -> EncodedTensor:
+    def encode(self, tensor: torch.Tensor, *, state=None, layout=None) -> EncodedTensor:
+        # Stateless and layout-blind: `state` and `layout` are accepted and ignored.
         t = input_tensor(tensor)
         header = {
             "codec": self.name,
@@ -58,7 +59,7 @@ class RawCodec:
         data = t.reshape(-1).view(torch.uint8).numpy()
         return EncodedTensor(header, [memoryview(data).toreadonly()])
 
-    def decode(self, message: EncodedTensor, device: torch.device | str | None = None) -> torch.Tensor:
+    def decode(self, message: EncodedTensor, device: torch.device | str | None = None, *, state=None) -> torch.Tensor:
         """A new, writable tensor (received buffers are read-only, so this copies)."""
         header, buffers = message_parts(message)
         check_codec_and_version(header, self.name, FORMAT_VERSION)

@@ -4,6 +4,13 @@ Every message says which codec wrote it (`header["codec"]`), so a receiver needs
 configuration to decode: `decode(message)` looks the name up here. Encoders are made
 with `get(name, **settings)`, which checks the settings against the codec's settings
 dataclass and refuses unknown ones by name, so a typo in a config never passes silently.
+
+Some codecs need hardware or optional packages (`nvenc`: an NVENC-capable GPU and
+PyNvVideoCodec; `x265`: PyAV). A codec class may define `capability() -> (usable,
+reason)`; `capabilities()` reports it for every registered codec, `available()` lists the
+usable ones, and `get` of an unusable codec raises CodecError with the reason. Decoding
+does not need the encoder: `decode` accepts every registered codec's messages (an nvenc
+message decodes in software where there is no NVDEC).
 """
 
 from __future__ import annotations
@@ -13,20 +20,38 @@ from typing import Any
 
 import torch
 
-from .base import Codec, CodecError, EncodedTensor
+from .base import Codec, CodecError, EncodedTensor, StreamState
 from .checks import message_parts
 from .cpu import CpuCodec
+from .gpu import GpuCodec
+from .nvenc import NvencCodec
 from .raw import RawCodec
+from .x265 import X265Codec
 
-_CODECS: dict[str, type] = {cls.name: cls for cls in (RawCodec, CpuCodec)}
+_CODECS: dict[str, type] = {cls.name: cls for cls in (RawCodec, CpuCodec, GpuCodec, X265Codec, NvencCodec)}
 
 # Decoding needs no settings: one default instance per codec serves every message.
 _DECODERS: dict[str, Codec] = {}
 
 
+def _capability(cls: type) -> tuple[bool, str]:
+    probe = getattr(cls, "capability", None)
+    return (True, "always available") if probe is None else probe()
+
+
+def capabilities() -> dict[str, tuple[bool, str]]:
+    """Every registered codec: (usable for encoding on this machine, why or why not).
+
+    Probes run once per process (nvenc opens an NVENC session to find out: about 0.5 s
+    the first time on a GPU machine).
+    """
+    return {name: _capability(_CODECS[name]) for name in sorted(_CODECS)}
+
+
 def available() -> list[str]:
-    """Names that `get` and `decode` accept, sorted."""
-    return sorted(_CODECS)
+    """Names that `get` accepts on this machine (usable codecs), sorted. `decode` also
+    accepts messages of registered codecs that cannot encode here (see capabilities())."""
+    return [name for name, (usable, _) in capabilities().items() if usable]
 
 
 def _codec_class(name: Any) -> type:
@@ -39,6 +64,9 @@ def _codec_class(name: Any) -> type:
 def get(name: str, **settings: Any) -> Codec:
     """A new codec `name` configured by `settings` (the fields of its Settings dataclass)."""
     cls = _codec_class(name)
+    usable, reason = _capability(cls)
+    if not usable:
+        raise CodecError(f"codec {name!r} cannot encode on this machine: {reason}")
     known = [f.name for f in dataclasses.fields(cls.Settings)]
     unknown = sorted(set(settings) - set(known))
     if unknown:
@@ -49,8 +77,12 @@ def get(name: str, **settings: Any) -> Codec:
     return cls(cls.Settings(**settings))
 
 
-def decode(message: EncodedTensor, device: torch.device | str | None = None) -> torch.Tensor:
-    """Decode any codec's message, dispatching on `header["codec"]`."""
+def decode(message: EncodedTensor, device: torch.device | str | None = None,
+           state: StreamState | None = None) -> torch.Tensor:
+    """Decode any codec's message, dispatching on `header["codec"]`.
+
+    `state`: the receiver's StreamState for this stream, for codecs that code deltas.
+    """
     header, _ = message_parts(message)
     if "codec" not in header:
         raise CodecError("message header names no codec: it is damaged or not a codec message")
@@ -58,4 +90,4 @@ def decode(message: EncodedTensor, device: torch.device | str | None = None) -> 
     decoder = _DECODERS.get(name) if isinstance(name, str) else None
     if decoder is None:
         decoder = _DECODERS.setdefault(name, _codec_class(name)())
-    return decoder.decode(message, device)
+    return decoder.decode(message, device, state=state)

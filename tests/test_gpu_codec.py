@@ -1,0 +1,226 @@
+"""The `gpu` codec (transform + one step size + context rANS), on the CPU here.
+
+Its torch ops run on any device; the fused Triton kernels must give the same bytes
+(checked where Triton runs). Rate-distortion targets are checked on the corpus.
+"""
+
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+from comfy_mesh.codec import CodecError, decode, get
+from comfy_mesh.codec.base import CodecStateError, EncodedTensor, StreamState, TokenLayout
+from comfy_mesh.codec.corpus import CorpusSpec, synthetic_carry, synthetic_steps
+from comfy_mesh.codec import entropy as E
+
+SPEC = CorpusSpec(layout=TokenLayout(64, 24, 24), channels=128)
+
+
+def _rel(y, x):
+    x = x.float()
+    return float((y.float() - x).norm() / x.norm())
+
+
+def _ratio(x, msg):
+    return x.numel() * 2 / msg.nbytes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,layout", [
+    ((640, 128), TokenLayout(64, 24, 24)),  # text + a grid
+    ((2, 640, 128), TokenLayout(64, 24, 24)),  # batch of two (cond and uncond)
+    ((1, 4099, 67), None),  # prime token count, odd channels, no grid
+    ((1, 64 + 13 * 7, 40), TokenLayout(64, 13, 7)),  # grid sides not multiples of 8
+    ((1, 1, 16), None),  # one token
+    ((300,), None),
+])
+def test_round_trip_within_the_stated_bound(dtype, shape, layout):
+    x = (torch.randn(shape) * torch.exp(torch.randn(shape[-1]))).to(dtype)
+    msg = get("gpu", rel_err=0.03).encode(x, layout=layout)
+    y = decode(msg)
+    assert y.shape == x.shape and y.dtype == dtype
+    assert _rel(y, x) <= msg.rel_err_bound
+    assert _rel(y, x) <= 0.03 * 1.1  # the target, with the slack of small tensors
+
+
+def test_error_follows_the_target_and_rate_follows_the_error():
+    x = synthetic_carry(SPEC)
+    errs, ratios = [], []
+    for target in (0.01, 0.03, 0.1):
+        msg = get("gpu", rel_err=target).encode(x, layout=SPEC.layout)
+        errs.append(_rel(decode(msg), x))
+        ratios.append(_ratio(x, msg))
+        assert target * 0.85 <= errs[-1] <= target * 1.001  # the step is fitted to the target
+    assert ratios == sorted(ratios)
+
+
+@pytest.mark.parametrize("variant", ["dit-like", "no massive channels", "no spatial correlation"])
+def test_rate_distortion_targets_on_the_corpus(variant):
+    spec = {"dit-like": SPEC, "no massive channels": replace(SPEC, massive_channels=0),
+            "no spatial correlation": replace(SPEC, massive_channels=0, smooth_fraction=0.0)}[variant]
+    x = synthetic_carry(spec).bfloat16()
+    for target, min_ratio in ((0.05, 4.0), (0.10, 5.5)):
+        msg = get("gpu", rel_err=target).encode(x, layout=spec.layout)
+        err = _rel(decode(msg), x)
+        assert err <= target and _ratio(x, msg) >= min_ratio, (variant, target, err, _ratio(x, msg))
+
+
+def test_high_norm_tokens_cost_at_most_ten_percent():
+    quiet = replace(SPEC, loud_tokens=0)
+    with_loud = synthetic_carry(SPEC).bfloat16()
+    without = synthetic_carry(quiet).bfloat16()
+    codec = get("gpu", rel_err=0.05)
+    # Compare at equal *centred* error budgets: the loud tokens must not force more bits
+    # onto every other token (as they do with min/max scaling).
+    r_with = _ratio(with_loud, codec.encode(with_loud, layout=SPEC.layout))
+    r_without = _ratio(without, codec.encode(without, layout=SPEC.layout))
+    assert r_with >= 0.9 * r_without
+
+
+def test_values_beyond_the_token_range_travel_exactly():
+    # At a tight target one value can need more than 2^16 steps: it escapes, exactly.
+    x = torch.randn(1, 640, 128)
+    x[0, 100, 7] = 3e6
+    msg = get("gpu", rel_err=1e-4).encode(x, layout=SPEC.layout)
+    assert msg.header["n_esc"] >= 1
+    y = decode(msg)
+    assert abs(float(y[0, 100, 7]) - 3e6) < 1.0
+    assert _rel(y, x) <= msg.rel_err_bound
+
+
+def test_high_norm_tokens_are_coded_outside_the_transform():
+    x = synthetic_carry(SPEC)
+    msg = get("gpu").encode(x, layout=SPEC.layout)
+    n_txt = SPEC.layout.n_txt
+    image_norms = x[0, n_txt:].norm(dim=1)
+    loud = set(torch.nonzero(image_norms > 6 * image_norms.median()).flatten().tolist())
+    assert loud and loud <= set(msg.header["loud"])
+    assert _rel(decode(msg), x) <= 0.03
+
+
+def test_temporal_mode_codes_the_change():
+    spec = replace(SPEC, layout=TokenLayout(128, 40, 40), channels=192)  # big enough that side info is small
+    a, b, c = synthetic_steps(spec, rho=0.95, steps=3)
+    codec = get("gpu", rel_err=0.05)
+    enc, dec = StreamState(), StreamState()
+    key = codec.encode(a, state=enc, layout=spec.layout)
+    assert key.header["stream"] == {"seq": 0, "delta": False, "ref": None}
+    assert _rel(decode(key, state=dec), a) <= 0.05
+    d1 = codec.encode(b, state=enc, layout=spec.layout)
+    d2 = codec.encode(c, state=enc, layout=spec.layout)
+    assert d1.header["stream"]["delta"] and d2.header["stream"]["ref"] == 1
+    yb, yc = decode(d1, state=dec), decode(d2, state=dec)
+    assert _rel(yb, b) <= 0.05 and _rel(yc, c) <= 0.05  # no drift: both ends share the reference
+    # Same error, at least 1.5x the single-step ratio (the issue's target for rho >= 0.9).
+    single = codec.encode(b, layout=spec.layout)
+    assert _rel(decode(single), b) == pytest.approx(_rel(yb, b), rel=0.05)
+    assert _ratio(b, d1) >= 1.5 * _ratio(b, single)
+
+
+def test_lost_message_is_detected_and_a_key_message_recovers():
+    a, b, c = synthetic_steps(SPEC, rho=0.95, steps=3)
+    codec = get("gpu", rel_err=0.05)
+    enc, dec = StreamState(), StreamState()
+    decode(codec.encode(a, state=enc, layout=SPEC.layout), state=dec)
+    codec.encode(b, state=enc, layout=SPEC.layout)  # lost on the way
+    third = codec.encode(c, state=enc, layout=SPEC.layout)
+    with pytest.raises(CodecStateError, match="send a key message"):
+        decode(third, state=dec)
+    with pytest.raises(CodecStateError):
+        decode(third, state=StreamState())  # a receiver that restarted
+    with pytest.raises(CodecStateError):
+        decode(third)  # no state at all
+    enc.reset()
+    key = codec.encode(c, state=enc, layout=SPEC.layout)
+    assert not key.header["stream"]["delta"]
+    assert _rel(decode(key, state=dec), c) <= 0.05
+    # ... and the stream goes on from there.
+    assert _rel(decode(codec.encode(b, state=enc, layout=SPEC.layout), state=dec), b) <= 0.05
+
+
+def _corrupt(msg, i, data):
+    buffers = list(msg.buffers)
+    buffers[i] = data
+    return EncodedTensor(msg.header, buffers)
+
+
+def test_corrupt_messages_are_refused_cleanly():
+    x = synthetic_carry(SPEC)
+    msg = get("gpu").encode(x, layout=SPEC.layout)
+    names = list(msg.header["parts"])
+    words = names.index("words")
+    cases = {
+        "truncated words": _corrupt(msg, words, bytes(msg.buffers[words])[:-100]),
+        "flipped words": _corrupt(msg, words, bytes(b ^ 0x5A for b in bytes(msg.buffers[words]))),
+        "missing buffer": EncodedTensor(msg.header, msg.buffers[:-1]),
+        "bad freq": _corrupt(msg, names.index("freq"), b"\xff" * len(bytes(msg.buffers[names.index("freq")]))),
+        "wrong version": EncodedTensor(msg.header | {"v": 9}, msg.buffers),
+        "wrong shape": EncodedTensor(msg.header | {"shape": [1, 641, 128]}, msg.buffers),
+        "garbage grid": EncodedTensor(msg.header | {"grid": "x"}, msg.buffers),
+        "escape outside": _corrupt(msg, names.index("esc_pos"), torch.tensor([10**12]).numpy().tobytes())
+        if msg.header["n_esc"] == 0 else msg,
+    }
+    for name, bad in cases.items():
+        if name == "escape outside":
+            bad = EncodedTensor(bad.header, bad.buffers[:-1] + [torch.tensor([1.0]).numpy().tobytes()])
+        with pytest.raises(CodecError):
+            decode(bad)
+
+
+def test_settings_are_checked():
+    for bad in ({"rel_err": 0}, {"rel_err": 2.0}, {"lanes": 0}, {"max_steps": -1}):
+        with pytest.raises(CodecError):
+            get("gpu", **bad)
+    with pytest.raises(CodecError, match="NaN"):
+        get("gpu").encode(torch.tensor([[1.0, float("nan")]]))
+
+
+def test_rans_reference_round_trip_at_the_entropy():
+    g = torch.Generator().manual_seed(1)
+    q = (torch.randn(50_000, generator=g) * 6).round().long()
+    tok, n_raw, raw = E.tokenize(q)
+    ctx = torch.zeros_like(tok)
+    counts = torch.zeros(1, E.ALPHABET, dtype=torch.long).index_put_((ctx, tok), torch.ones_like(tok), accumulate=True)
+    freq = E.normalize_counts(counts)
+    geo = E.Geometry.for_count(q.numel())
+    streams = E.rans_encode(tok, n_raw, raw, ctx, freq, geo)
+    t, r = E.rans_decode(streams, ctx, freq, geo)
+    assert torch.equal(E.detokenize(t, r), q)
+    p = counts[0].float() / counts.sum()
+    ideal_bits = float(-(counts[0].float() * torch.where(p > 0, p.log2(), torch.zeros_like(p))).sum() + n_raw.sum())
+    assert streams.words.numel() * 16 <= ideal_bits * 1.01 + 64 * geo.groups
+
+
+def test_fused_kernels_give_the_reference_bytes():
+    """Triton kernels against the torch reference, in Triton's interpreter (CPU) or on a GPU."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pytest.skip("triton is not installed here (CUDA machines have it): the kernels are checked there; "
+                    "see bench/NOTES.md")
+    code = (
+        "import torch\n"
+        "from comfy_mesh.codec import entropy as E, entropy_triton as T\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "q = (torch.randn(9000, generator=g) * torch.exp(2 * torch.randn(9000, generator=g))).round().long()\n"
+        "q[5] = 10**6\n"
+        "tok, nr, raw = E.tokenize(q); ctx = torch.arange(q.numel()) % 5\n"
+        "c = torch.zeros(5, E.ALPHABET, dtype=torch.long).index_put_((ctx, tok), torch.ones_like(tok), accumulate=True)\n"
+        "f = E.normalize_counts(c); geo = E.Geometry.for_count(q.numel(), 32, 48, 48)\n"
+        "dev = 'cuda' if torch.cuda.is_available() else 'cpu'\n"
+        "ref = E.rans_encode(tok, nr, raw, ctx, f, geo)\n"
+        "got = T.rans_encode(*(t.to(dev) for t in (tok, nr, raw, ctx, f)), geo)\n"
+        "assert torch.equal(ref.words, got.words.cpu()) and torch.equal(ref.states, got.states.cpu())\n"
+        "t2, r2 = T.rans_decode(E.RansStreams(*(t.to(dev) for t in (ref.words, ref.group_words, ref.states))),"
+        " ctx.to(dev), f.to(dev), geo)\n"
+        "assert torch.equal(t2.cpu(), tok) and torch.equal(r2.cpu(), raw)\n"
+        "print('same bytes')\n")
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and "same bytes" in done.stdout, done.stderr[-2000:]
