@@ -47,8 +47,13 @@ class DemoInputs:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-blocks-remote", type=int, default=None, metavar="K",
                    help="blocks the daemon runs (default: half the model, rounded up)")
-    p.add_argument("--codec", default="raw", help=f"activation codec: {', '.join(codecs.available())} (default raw)")
-    p.add_argument("--quality", type=float, default=None, help="lossy codec quality (codec default if omitted)")
+    p.add_argument("--codec", default="raw",
+                   help=f"activation codec: auto, {', '.join(codecs.available())} (default raw; auto picks raw on "
+                        "loopback, see README)")
+    p.add_argument("--quality", type=float, default=None,
+                   help="cpu/x265 codec quality (levels per robust std / QP mapping; codec default if omitted)")
+    p.add_argument("--rel-err", type=float, default=None,
+                   help="gpu codec target relative L2 error per crossing (codec default 0.03 if omitted)")
     p.add_argument("--steps", type=int, default=8, help="sampler steps (default 8)")
     p.add_argument("--checkpoint", default=None,
                    help="a FLUX.2 .safetensors (or hf:// file) to use instead of the tiny generated one")
@@ -58,6 +63,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def make_codec(name: str, quality: float | None = None, rel_err: float | None = None):
+    """The codec `name` with whichever of the quality knobs it has (others are an error)."""
+    settings = {k: v for k, v in (("quality", quality), ("rel_err", rel_err)) if v is not None}
+    if name == "auto":
+        if settings:
+            raise ValueError("--quality/--rel-err need a named codec, not auto")
+        return "auto"
+    return codecs.get(name, **settings)
 
 
 def make_inputs(config, size: int, n_txt: int, seed: int, device: str = "cpu") -> DemoInputs:
@@ -106,8 +121,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype_name = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     dtype = dtype_from_name(dtype_name)
-    settings = {} if args.quality is None else {"quality": args.quality}
-    codec = codecs.get(args.codec, **settings)
+    codec = make_codec(args.codec, quality=args.quality, rel_err=args.rel_err)
 
     with tempfile.TemporaryDirectory(prefix="comfy-mesh-demo-") as tmp:
         checkpoint = args.checkpoint
@@ -131,7 +145,7 @@ def run_demo(args: argparse.Namespace) -> dict:
         proc, endpoint = start_daemon(checkpoint, n_remote, device, dtype_name)
         try:
             client = DaemonClient(endpoint, name="demo")
-            remote = RemoteStage(client, codec, measure_error=True)
+            remote = RemoteStage(client, codec, measure_error=True, device=device)
             info = remote.connect(fingerprint=model.fingerprint)
             plan = tail_split(config.n_blocks, n_remote, remote=info.node, epoch=info.epoch)
             front = model.stage(plan.local, first=True, last=plan.is_last("local"), device=device, dtype=dtype)
@@ -157,8 +171,9 @@ def run_demo(args: argparse.Namespace) -> dict:
         "steps": args.steps,
         "n_blocks": config.n_blocks,
         "n_blocks_remote": n_remote,
-        "codec": args.codec,
-        "quality": getattr(codec.settings, "quality", None),
+        "codec": remote.codec.name,
+        "codec_reason": remote.choice["reason"] if remote.choice else None,
+        "quality": getattr(remote.codec.settings, "quality", getattr(remote.codec.settings, "rel_err", None)),
         "bytes_per_step": bytes_per_step,
         "raw_bytes_per_step": raw_per_step,
         "ratio": raw_per_step / bytes_per_step if bytes_per_step else None,

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 import torch
 
 from .. import codec as codecs
-from ..codec.base import Codec
-from .client import DaemonClient, PeerRefused
+from ..codec.base import Codec, CodecStateError, StreamState
+from ..codec.negotiate import choose, local_capabilities
+from ..splitter.context_hash import token_layout
+from .client import DaemonClient, PeerRefused, PeerTimeout
 from .protocol import ErrorCode, ForwardRequest, HelloReply
 
 log = logging.getLogger(__name__)
@@ -39,26 +41,57 @@ class HopStats:
 
 
 class RemoteStage:
-    def __init__(self, client: DaemonClient, codec: Codec, reply_codec: str | None = None,
-                 measure_error: bool = False):
-        """`reply_codec`: how the daemon encodes what it sends back (default: the same codec,
-        with the daemon's default settings for it)."""
+    def __init__(self, client: DaemonClient, codec: Codec | str = "auto", reply_codec: str | None = None,
+                 measure_error: bool = False, device: str = "cpu", fast_link: bool = False):
+        """`codec`: a Codec, or "auto" to negotiate one at `connect()` (codec/negotiate.py).
+        `reply_codec`: how the daemon encodes what it sends back (default: the same codec
+        with the same settings). `device`: where this end's tensors live (for auto)."""
         self.client = client
-        self.codec = codec
-        self.reply_codec = reply_codec or codec.name
-        same = self.reply_codec == codec.name and dataclasses.is_dataclass(getattr(codec, "settings", None))
-        self.reply_settings = dataclasses.asdict(codec.settings) if same else {}
+        self.device = device
+        self.fast_link = fast_link
+        self._set_codec(codec, reply_codec)
         self.measure_error = measure_error
         self.session = uuid.uuid4().hex[:16]
         self.info: HelloReply | None = None
+        self.choice: dict | None = None  # {"codec", "reason"}: what was chosen and why
+        if not isinstance(codec, str):
+            self.choice = {"codec": codec.name, "reason": "chosen by the user"}
         self._ids_sent: set[str] = set()
+        self._layouts: dict = {}
+        # Codec streams, for codecs that code the change from the last message.
+        self._carry_state, self._reply_state, self._measure_state = StreamState(), StreamState(), StreamState()
+        self._reply_reset = True
+        self._last_ids: str | None = None
+        self._last_t: float | None = None
 
     @property
     def node(self) -> str:
         return self.info.node if self.info else "?"
 
+    def _set_codec(self, codec: Codec | str, reply_codec: str | None) -> None:
+        self.codec = codec
+        if isinstance(codec, str):  # "auto": settled at connect()
+            self.reply_codec, self.reply_settings = reply_codec, {}
+            return
+        self.reply_codec = reply_codec or codec.name
+        same = self.reply_codec == codec.name and dataclasses.is_dataclass(getattr(codec, "settings", None))
+        self.reply_settings = dataclasses.asdict(codec.settings) if same else {}
+
     def connect(self, fingerprint: str | None = None) -> HelloReply:
-        self.info = self.client.hello(fingerprint=fingerprint, codecs=codecs.available())
+        encoders, decoders = local_capabilities()
+        self.info = self.client.hello(fingerprint=fingerprint, codecs=decoders)
+        if self.codec == "auto":
+            info = self.info
+            choice = choose(self.client.endpoint, local_encoders=encoders, local_decoders=decoders,
+                            local_cuda=self.device.startswith("cuda"),
+                            peer_encoders=info.encoders if info.encoders is not None else info.codecs,
+                            peer_decoders=info.decoders if info.decoders is not None else info.codecs,
+                            peer_cuda=info.device.startswith("cuda"), fast_link=self.fast_link)
+            log.info("codec for %s: %s", info.name, choice.reason)
+            self.choice = {"codec": choice.carry, "reason": choice.reason}
+            self._set_codec(codecs.get(choice.carry), choice.reply)
+        elif isinstance(self.codec, str):
+            self._set_codec(codecs.get(self.codec), self.reply_codec)
         return self.info
 
     def reconfigure(self, plan):
@@ -67,37 +100,76 @@ class RemoteStage:
     def forward(self, hidden: torch.Tensor, *, epoch: int, step: int, timestep: torch.Tensor,
                 guidance: torch.Tensor | None, txt_ids: torch.Tensor, img_ids: torch.Tensor,
                 ids_hash: str) -> tuple[torch.Tensor, str, HopStats]:
-        t0 = time.perf_counter()
-        carry = self.codec.encode(hidden)
-        rel_err = None
-        if self.measure_error:
-            restored = codecs.decode(carry).to(hidden.device, torch.float32)
-            ref = hidden.float()
-            rel_err = float((restored - ref).norm() / ref.norm().clamp_min(1e-30))
-        t1 = time.perf_counter()
-        body = ForwardRequest(epoch=epoch, session=self.session, step=step, timestep=timestep.float().tolist(),
-                              ids_hash=ids_hash, guidance=guidance.float().tolist() if guidance is not None else None,
-                              reply_codec=self.reply_codec, reply_settings=self.reply_settings)
+        new_generation = ids_hash != self._last_ids or (self._last_t is not None and
+                                                          float(timestep.max()) > self._last_t)
+        if new_generation:
+            self._reset_streams()  # a new image: the previous one's references mean nothing
+        self._last_ids, self._last_t = ids_hash, float(timestep.max())
+        if ids_hash not in self._layouts:
+            self._layouts[ids_hash] = token_layout(txt_ids, img_ids)
+        layout = self._layouts[ids_hash]
         sent0, recv0 = self.client.bytes_sent, self.client.bytes_received
-        tensors = {"carry": carry}
-        if ids_hash not in self._ids_sent:
-            tensors |= self._ids_tensors(txt_ids, img_ids)
-        try:
-            reply = self.client.request(body, tensors)
-        except PeerRefused as exc:
-            if exc.code != ErrorCode.MISSING_CONTEXT:
+        t0 = time.perf_counter()
+        send_ids = ids_hash not in self._ids_sent
+        for attempt in range(3):
+            carry = self.codec.encode(hidden, state=self._carry_state, layout=layout)
+            t1 = time.perf_counter()
+            body = ForwardRequest(epoch=epoch, session=self.session, step=step, timestep=timestep.float().tolist(),
+                                  ids_hash=ids_hash,
+                                  guidance=guidance.float().tolist() if guidance is not None else None,
+                                  reply_codec=self.reply_codec, reply_settings=self.reply_settings,
+                                  reply_reset=self._reply_reset, codec_choice=self.choice)
+            tensors = {"carry": carry} | (self._ids_tensors(txt_ids, img_ids) if send_ids else {})
+            try:
+                reply = self.client.request(body, tensors)
+                self._reply_reset = False
+                t2 = time.perf_counter()
+                result = codecs.decode(reply.tensors["result"], device=hidden.device, state=self._reply_state)
+                break
+            except PeerRefused as exc:
+                if exc.code == ErrorCode.MISSING_CONTEXT and attempt < 2:
+                    log.info("%s lost the position ids (restarted?); sending them again", self.node)
+                    send_ids = True
+                    self._carry_state.reset()  # it may have lost our stream too
+                    self._reply_reset = True
+                    continue
+                if exc.code == ErrorCode.CODEC_STATE and attempt < 2:
+                    log.info("%s lost our codec stream; starting it over with a key message", self.node)
+                    self._reset_streams()
+                    continue
                 raise
-            log.info("%s lost the position ids (restarted?); sending them again", self.node)
-            reply = self.client.request(body, {"carry": carry} | self._ids_tensors(txt_ids, img_ids))
+            except CodecStateError:
+                if attempt == 2:
+                    raise
+                log.info("reply from %s does not fit our stream state; asking for a key message", self.node)
+                self._reset_streams()
+            except PeerTimeout:
+                self._reset_streams()  # we cannot know what the daemon kept: start over next time
+                raise
         self._ids_sent.add(ids_hash)
-        t2 = time.perf_counter()
-        result = codecs.decode(reply.tensors["result"], device=hidden.device)
+        rel_err = self._measure(carry, hidden) if self.measure_error else None
         t3 = time.perf_counter()
         stats = HopStats(node=self.node, bytes_out=self.client.bytes_sent - sent0,
                          bytes_in=self.client.bytes_received - recv0,
                          raw_bytes=2 * (hidden.numel() + result.numel()), rel_err=rel_err, encode_s=t1 - t0,
                          wire_s=t2 - t1, remote_compute_s=reply.body.compute_s, decode_s=t3 - t2)
         return result, reply.body.kind, stats
+
+    def _reset_streams(self) -> None:
+        self._carry_state.reset()
+        self._reply_state.reset()
+        self._measure_state.reset()
+        self._reply_reset = True
+
+    def _measure(self, carry, hidden: torch.Tensor) -> float:
+        """The carry's relative error after the wire, decoding as the daemon does (a mirror state)."""
+        try:
+            restored = codecs.decode(carry, state=self._measure_state).to(hidden.device, torch.float32)
+        except CodecStateError:  # the mirror missed a key message (a retry): resync on this one
+            self._measure_state.reset()
+            return float("nan")
+        ref = hidden.float()
+        return float((restored - ref).norm() / ref.norm().clamp_min(1e-30))
 
     @staticmethod
     def _ids_tensors(txt_ids: torch.Tensor, img_ids: torch.Tensor) -> dict:

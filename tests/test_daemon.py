@@ -315,3 +315,41 @@ def test_unreachable_daemon_times_out_with_advice():
     with DaemonClient(f"tcp://127.0.0.1:{port}", timeout_s=0.5) as client:
         with pytest.raises(PeerTimeout, match="is the daemon running"):
             client.status()
+
+
+def test_gpu_codec_codes_deltas_across_steps_and_survives_a_lost_stream(model, tiny_checkpoint):
+    x = inputs(model.config, size=16, n_txt=16)
+    steps = 5
+    expected = _local_reference(model, x, steps)
+    with running_daemon(tiny_checkpoint, blocks=3) as server:
+        runner, client = _runner(model, server, 3, codec="gpu", rel_err=0.03)
+        remote = runner.remotes[runner.plan.remotes[0].node]
+
+        def step_fn(z, s, i):
+            if i == 3:
+                server.host._streams.clear()  # the daemon forgets our codec stream (as after a restart)
+            return runner(z, x["txt"], s, x["img_ids"], x["txt_ids"], x["guidance"])
+
+        got = euler_sample(step_fn, x["img"], flow_sigmas(steps, shift=3.0))
+        client.close()
+    hops = [s.hops[0] for s in runner.stats]
+    assert all(h.rel_err <= 0.03 * 1.001 for h in hops if h.rel_err == h.rel_err)
+    assert hops[1].bytes_out < hops[0].bytes_out  # a delta after the key message
+    assert server.host.counters.errors == 1  # one CODEC_STATE refusal, then a key message
+    assert _rel(got, expected) < 0.05
+    assert remote.choice == {"codec": "gpu", "reason": "chosen by the user"}
+
+
+def test_auto_codec_is_raw_on_loopback_and_status_says_why(model, tiny_checkpoint):
+    x = inputs(model.config)
+    with running_daemon(tiny_checkpoint, blocks=2) as server:
+        client = DaemonClient(server.endpoint, timeout_s=30)
+        remote = RemoteStage(client, "auto")
+        info = remote.connect(fingerprint=model.fingerprint)
+        assert remote.codec.name == "raw" and "loopback" in remote.choice["reason"]
+        plan = tail_split(model.config.n_blocks, 2, remote=info.node, epoch=info.epoch)
+        runner = SplitRunner(model.stage(plan.local, first=True, last=False), plan, {info.node: remote})
+        runner(x["img"], x["txt"], torch.tensor([0.5]), x["img_ids"], x["txt_ids"])
+        status = client.status()
+        client.close()
+    assert status.codec["codec"] == "raw" and "loopback" in status.codec["reason"]

@@ -1,0 +1,88 @@
+"""`--codec auto`: pick the codec for each direction from both ends' capabilities.
+
+Order of preference, and why:
+
+1. `raw` on loopback (and on links the user marks fast): nothing beats not coding when
+   the wire is faster than any encoder.
+2. `nvenc` where this end encodes it (a card with NVENC) and the peer decodes it (NVDEC,
+   or FFmpeg): the video engine works beside the CUDA cores, nearly free.
+3. `gpu` where this end has a CUDA device (no NVENC, as on an H100): the codec runs in a
+   few kernels on the tensor where it already is.
+4. `cpu` otherwise.
+
+The reply (model output) goes the other way, so the same rule runs with the roles swapped.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import urllib.parse
+from dataclasses import dataclass
+
+PREFERENCE = ("nvenc", "gpu", "cpu")
+
+
+@dataclass(frozen=True)
+class Choice:
+    carry: str  # codec for what this end sends
+    reply: str  # codec for what the peer sends back
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {"codec": self.carry, "reply_codec": self.reply, "reason": self.reason}
+
+
+def is_loopback(endpoint: str) -> bool:
+    host = urllib.parse.urlparse(endpoint).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _pick(sender_encodes: list[str], sender_cuda: bool, receiver_decodes: list[str]) -> tuple[str, str]:
+    for name in PREFERENCE:
+        if name == "gpu" and not sender_cuda:
+            continue
+        if name in sender_encodes and name in receiver_decodes:
+            why = {"nvenc": "the sender has an NVENC encoder and the receiver decodes HEVC",
+                   "gpu": "the sender has a CUDA device but no NVENC",
+                   "cpu": "no GPU codec is usable on the sender"}[name]
+            return name, why
+    return "raw", "no compressing codec is shared by both ends"
+
+
+def choose(endpoint: str, *, local_encoders: list[str], local_decoders: list[str], local_cuda: bool,
+           peer_encoders: list[str], peer_decoders: list[str], peer_cuda: bool, fast_link: bool = False) -> Choice:
+    if is_loopback(endpoint) or fast_link:
+        where = "loopback" if is_loopback(endpoint) else "a link marked fast"
+        return Choice("raw", "raw", f"{where}: sending raw tensors is faster than coding them")
+    carry, why_carry = _pick(local_encoders, local_cuda, peer_decoders)
+    reply, why_reply = _pick(peer_encoders, peer_cuda, local_decoders)
+    return Choice(carry, reply, f"carry {carry}: {why_carry}; reply {reply}: {why_reply}")
+
+
+def local_capabilities() -> tuple[list[str], list[str]]:
+    """(codecs this process can encode, codecs it can decode)."""
+    from . import registry
+
+    caps = getattr(registry, "capabilities", None)
+    if caps is None:
+        names = registry.available()
+        return names, names
+    table = caps()
+    encoders = [name for name, cap in table.items() if _usable(cap, "encode")]
+    decoders = [name for name, cap in table.items() if _usable(cap, "decode")]
+    return encoders, decoders
+
+
+def _usable(cap, direction: str) -> bool:
+    """Read a capability entry: a dict with per-direction flags, or an (ok, reason) pair."""
+    if isinstance(cap, dict):
+        value = cap.get(direction, cap.get("usable", False))
+        return bool(value[0] if isinstance(value, (tuple, list)) else value)
+    if isinstance(cap, (tuple, list)):
+        return bool(cap[0])
+    return bool(cap)

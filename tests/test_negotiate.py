@@ -1,0 +1,36 @@
+"""`--codec auto`: which codec each direction gets, as literal cases."""
+
+from comfy_mesh.codec.negotiate import choose, is_loopback
+
+ALL = ["cpu", "gpu", "raw"]
+
+
+def test_loopback_is_recognised():
+    assert is_loopback("tcp://127.0.0.1:5599") and is_loopback("tcp://localhost:1") and is_loopback("tcp://[::1]:9")
+    assert not is_loopback("tcp://192.168.1.20:5599") and not is_loopback("tcp://gpu-box.local:5599")
+
+
+def test_raw_on_loopback_and_fast_links():
+    c = choose("tcp://127.0.0.1:5599", local_encoders=ALL, local_decoders=ALL, local_cuda=True,
+               peer_encoders=ALL, peer_decoders=ALL, peer_cuda=True)
+    assert (c.carry, c.reply) == ("raw", "raw") and "loopback" in c.reason
+    c = choose("tcp://10.0.0.2:5599", local_encoders=ALL, local_decoders=ALL, local_cuda=True,
+               peer_encoders=ALL, peer_decoders=ALL, peer_cuda=True, fast_link=True)
+    assert (c.carry, c.reply) == ("raw", "raw") and "fast" in c.reason
+
+
+def test_nvenc_where_the_sender_encodes_and_the_receiver_decodes():
+    # A 4090 (NVENC) sends to an H100 (NVDEC only); the H100 answers with the gpu codec.
+    c = choose("tcp://10.0.0.2:5599", local_encoders=ALL + ["nvenc"], local_decoders=ALL + ["nvenc"],
+               local_cuda=True, peer_encoders=ALL, peer_decoders=ALL + ["nvenc"], peer_cuda=True)
+    assert (c.carry, c.reply) == ("nvenc", "gpu")
+    assert "NVENC" in c.reason and "no NVENC" in c.reason
+
+
+def test_gpu_codec_needs_cuda_on_the_sender_else_cpu():
+    c = choose("tcp://10.0.0.2:5599", local_encoders=ALL, local_decoders=ALL, local_cuda=False,
+               peer_encoders=ALL, peer_decoders=ALL, peer_cuda=True)
+    assert (c.carry, c.reply) == ("cpu", "gpu")
+    c = choose("tcp://10.0.0.2:5599", local_encoders=["raw"], local_decoders=["raw"], local_cuda=False,
+               peer_encoders=ALL, peer_decoders=ALL, peer_cuda=False)
+    assert (c.carry, c.reply) == ("raw", "raw") and "no compressing codec" in c.reason
