@@ -16,10 +16,14 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import __version__
 from .. import codec as codecs
-from ..codec.base import CodecError
-from ..splitter.context_hash import ids_hash
+from ..codec.base import CodecError, CodecStateError, StreamState, TokenLayout
+from ..codec.negotiate import local_capabilities
+from ..splitter.checkpoint import tqdm_progress
+from ..splitter.context_hash import ids_hash, token_layout
 from ..splitter.errors import PlanError
+from ..splitter.flux2.stage import Flux2Stage
 from ..splitter.model_file import ModelFile
 from ..splitter.plan import BlockRange, Plan, tail_split
 from .memory import memory_report
@@ -31,6 +35,7 @@ from .protocol import (
 log = logging.getLogger(__name__)
 
 CONTEXT_CACHE_SIZE = 8  # generations whose ids/RoPE tables stay cached
+STREAM_CACHE_SIZE = 16  # client sessions whose codec stream states stay kept
 
 
 @dataclass
@@ -51,6 +56,7 @@ class Counters:
         self.bytes_in = self.bytes_out = 0
         self.step_last = 0.0
         self.step_total = 0.0
+        self.raw_bytes = self.wire_bytes = 0  # FORWARD tensors as bf16 / as encoded (STATUS's codec ratio)
         self.started = time.monotonic()
 
     def record(self, bytes_in: int, bytes_out: int, is_error: bool):
@@ -60,11 +66,13 @@ class Counters:
             self.bytes_in += bytes_in
             self.bytes_out += bytes_out
 
-    def record_step(self, seconds: float):
+    def record_step(self, seconds: float, raw_bytes: int = 0, wire_bytes: int = 0):
         with self.lock:
             self.forward_steps += 1
             self.step_last = seconds
             self.step_total += seconds
+            self.raw_bytes += raw_bytes
+            self.wire_bytes += wire_bytes
 
 
 class ModelHost:
@@ -79,7 +87,10 @@ class ModelHost:
         self.plan: Plan = tail_split(n, n_blocks_hosted, remote=settings.node_id, epoch=0)
         self.stage = None
         self.weight_bytes = 0  # kept here so STATUS never walks modules the worker is changing
+        self.loading: dict | None = None  # {"done", "total"} bytes of the weights being read, for STATUS
         self._reply_codecs: dict = {}
+        self._streams: collections.OrderedDict[str, tuple] = collections.OrderedDict()
+        self.codec_choice: dict | None = None  # the last client's codec and why, for STATUS
         self._contexts: collections.OrderedDict[str, tuple] = collections.OrderedDict()
         self._apply_plan(self.plan)
 
@@ -97,6 +108,7 @@ class ModelHost:
         """Load and drop blocks so this node hosts its range in `plan`; returns (bytes loaded, s)."""
         blocks = plan.range_of(self.settings.node_id)
         self.state = "loading"
+        self.loading = {"done": 0, "total": 0}
         try:
             if blocks is None:
                 self.stage = None  # hosts nothing: free every weight
@@ -105,18 +117,30 @@ class ModelHost:
                 loaded, seconds = 0, 0.0
             elif self.stage is None:
                 t0 = time.perf_counter()
-                self.stage = self.model.stage(blocks, first=False, last=plan.is_last(self.settings.node_id),
-                                              device=self.settings.device, dtype=self.settings.dtype,
-                                              show_progress=True)
+                self.stage = Flux2Stage(self.model.config, blocks, first=False,
+                                        last=plan.is_last(self.settings.node_id), load_weights=self._load_weights,
+                                        device=self.settings.device, dtype=self.settings.dtype)
                 loaded, seconds = self.stage.weight_bytes(), time.perf_counter() - t0
             else:
                 change = self.stage.set_range(blocks, first=False, last=plan.is_last(self.settings.node_id))
                 loaded, seconds = change.loaded_bytes, change.seconds
         finally:
+            self.loading = None
             self.state = "serving" if self.stage is not None else "idle"
             self.weight_bytes = self.stage.weight_bytes() if self.stage is not None else 0
         self.plan = plan
         return loaded, seconds
+
+    def _load_weights(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """The stage's weight loader: the model file's, with byte progress kept for STATUS."""
+        bar = tqdm_progress(f"loading {len(keys)} tensors")
+
+        def progress(done: int, total: int, key: str) -> None:
+            self.loading = {"done": done, "total": total}
+            bar(done, total, key)
+
+        return self.model.checkpoint.load(keys, device=self.settings.device, dtype=self.settings.dtype,
+                                          progress=progress)
 
     # ---------------------------------------------------------------- requests
 
@@ -162,12 +186,13 @@ class ModelHost:
                 f"{self.model.fingerprint[:12]}), the client's model has fingerprint {req.fingerprint[:12]}; "
                 "load the same checkpoint file on both sides")
         hosted = self.hosted
+        encoders, decoders = local_capabilities()
         return Message(HelloReply(
             node=self.settings.node_id, name=self.settings.name, proto=PROTOCOL_VERSION, model=self.model.spec,
             fingerprint=self.model.fingerprint, family=self.model.family, config=self.model.config.to_dict(),
             n_blocks=self.model.config.n_blocks, hosted=hosted.to_list() if hosted else None, last=self.is_last,
             epoch=self.plan.epoch, codecs=codecs.available(), device=self.settings.device,
-            max_message_bytes=self.settings.max_message_bytes))
+            max_message_bytes=self.settings.max_message_bytes, encoders=encoders, decoders=decoders))
 
     def reconfigure(self, req: ReconfigureRequest) -> Message:
         plan = Plan.from_dict(req.plan)
@@ -205,8 +230,17 @@ class ModelHost:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "FORWARD without a 'carry' tensor")
         reply_codec = self._reply_codec(req.reply_codec, req.reply_settings)
         t0 = time.perf_counter()
-        hidden = codecs.decode(tensors["carry"], device=self.settings.device)
         txt_ids, img_ids, pe = self._context(req, tensors)
+        carry_state, reply_state = self._streams_of(req.session)
+        if req.reply_reset:
+            reply_state.reset()
+        if req.codec_choice is not None:
+            self.codec_choice = req.codec_choice
+        try:
+            hidden = codecs.decode(tensors["carry"], device=self.settings.device, state=carry_state)
+        except CodecStateError as exc:
+            carry_state.reset()
+            raise ProtocolError(ErrorCode.CODEC_STATE, str(exc)) from None
         c = self.model.config
         if hidden.ndim != 3 or hidden.shape[-1] != c.hidden_size or hidden.shape[1] != txt_ids.shape[1] + img_ids.shape[1]:
             raise ProtocolError(ErrorCode.BAD_REQUEST,
@@ -225,11 +259,24 @@ class ModelHost:
         if out.device.type == "cuda":
             torch.cuda.synchronize(out.device)
         t2 = time.perf_counter()
-        encoded = reply_codec.encode(out)
+        layout = token_layout(txt_ids, img_ids)
+        if layout is not None and kind == "output":
+            layout = TokenLayout(0, layout.h, layout.w)  # the final layer returns image tokens only
+        encoded = reply_codec.encode(out, state=reply_state, layout=layout)
         t3 = time.perf_counter()
-        self.counters.record_step(t2 - t1)
+        self.counters.record_step(t2 - t1, raw_bytes=2 * (hidden.numel() + out.numel()),
+                                  wire_bytes=tensors["carry"].nbytes + encoded.nbytes)
         return Message(ForwardReply(step=req.step, kind=kind, decode_s=t1 - t0, compute_s=t2 - t1, encode_s=t3 - t2),
                        tensors={"result": encoded})
+
+    def _streams_of(self, session: str) -> tuple[StreamState, StreamState]:
+        """(carry decoder, reply encoder) stream states of one client session."""
+        if session not in self._streams:
+            if len(self._streams) >= STREAM_CACHE_SIZE:
+                self._streams.popitem(last=False)
+            self._streams[session] = (StreamState(), StreamState())
+        self._streams.move_to_end(session)
+        return self._streams[session]
 
     def _reply_codec(self, name: str, settings: dict):
         key = (name, tuple(sorted(settings.items())))
@@ -251,7 +298,9 @@ class ModelHost:
                 memory=memory_report(self.settings.device, self.weight_bytes),
                 requests=cnt.requests, errors=cnt.errors, forward_steps=cnt.forward_steps,
                 step_s={"last": cnt.step_last, "mean": mean}, bytes_in=cnt.bytes_in, bytes_out=cnt.bytes_out,
-                uptime_s=time.monotonic() - cnt.started, codecs=codecs.available())
+                uptime_s=time.monotonic() - cnt.started, codecs=codecs.available(),
+                raw_bytes=cnt.raw_bytes, wire_bytes=cnt.wire_bytes, loading=self.loading, plan=self.plan.to_dict(),
+                software=__version__, codec=self.codec_choice)
 
 
 def _stale(plan: Plan, why: str) -> ProtocolError:

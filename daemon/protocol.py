@@ -37,6 +37,7 @@ class ErrorCode:
     MISSING_CONTEXT = "missing_context"  # per-generation context (position ids) not cached: resend it
     NOT_HOSTING = "not_hosting"  # the daemon hosts no blocks under the current plan
     OOM = "out_of_memory"  # the daemon's GPU is full
+    CODEC_STATE = "codec_state"  # a delta-coded carry does not fit the daemon's stream state: send a key message
     BAD_REQUEST = "bad_request"  # well-formed but inconsistent (shapes, unknown codec, ...)
     INTERNAL = "internal"  # a bug: the daemon logged a traceback and keeps serving
 
@@ -81,6 +82,10 @@ class HelloReply:
     codecs: list
     device: str
     max_message_bytes: int
+    # Optional (older peers omit them): what this node can encode and decode, where the two
+    # differ (an H100 decodes NVENC's HEVC with NVDEC but cannot encode it). None: `codecs`.
+    encoders: list | None = None
+    decoders: list | None = None
 
 
 @dataclass
@@ -93,6 +98,8 @@ class ForwardRequest:
     guidance: list | None = None
     reply_codec: str = "raw"  # codec for what comes back (model output or hidden state)
     reply_settings: dict = field(default_factory=dict)  # its settings, e.g. {"quality": 7}
+    reply_reset: bool = False  # start the reply stream over (the client lost its delta state)
+    codec_choice: dict | None = None  # {"codec", "reason"}: how the client chose its codec, for STATUS
 
 
 @dataclass
@@ -142,6 +149,13 @@ class StatusReply:
     bytes_out: int
     uptime_s: float
     codecs: list
+    # Optional (added after version 1 shipped; older peers omit them and still parse):
+    raw_bytes: int = 0  # FORWARD tensors (carry in, result out) counted as bf16: the codec ratio's numerator
+    wire_bytes: int = 0  # the same tensors as encoded on the wire: its denominator
+    loading: dict | None = None  # {"done": bytes, "total": bytes} while blocks load, else None
+    plan: dict | None = None  # the current plan (Plan.to_dict()), so a client can adopt it without a FORWARD
+    software: str = ""  # the daemon's comfy-mesh version
+    codec: dict | None = None  # the last client's codec choice and why: {"codec", "reason"}
 
 
 @dataclass
