@@ -26,6 +26,25 @@ def main(argv: list[str] | None = None) -> int:
     daemon_main.add_arguments(p)
     p.set_defaults(run=daemon_main.run)
 
+    from .discovery import cli as peers_cli
+    from .panel import app as panel_app
+
+    p = sub.add_parser("peers", help="list the daemons found over mDNS (and static --peer entries)")
+    peers_cli.add_arguments(p)
+    p.set_defaults(run=peers_cli.run)
+
+    p = sub.add_parser("panel", help="the control panel: peers, VRAM, codec ratio, and the live split slider")
+    panel_app.add_arguments(p)
+    p.set_defaults(run=panel_app.run)
+
+    from .codec import bench as codec_bench
+
+    p = sub.add_parser("bench", help="benchmarks: `bench codec` measures every codec on the activation corpus")
+    bench_sub = p.add_subparsers(dest="bench", required=True)
+    p = bench_sub.add_parser("codec", help="ratio, error and GB/s of each codec and quality on the corpus")
+    codec_bench.add_arguments(p)
+    p.set_defaults(run=codec_bench.main)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

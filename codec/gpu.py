@@ -52,6 +52,7 @@ N_CLASSES = 7
 LOUD_FACTOR = 4.0  # image tokens this many times the median token norm skip the transform
 MAX_LOUD_FRACTION = 1 / 64  # at most this share of image tokens
 FIT_ITERATIONS = 5  # passes that fit the step size to the error target
+MAX_SHIFT = 15  # per-channel steps go down to step / 2^15
 _BAND_OF_SUM = [0, 1, 1, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 4]
 
 
@@ -62,6 +63,10 @@ class GpuSettings:
     #: target relative L2 error of the whole tensor; the step size follows from it.
     #: Unit: ||error|| / ||x||. The header states a hard bound (about 1.7x this).
     rel_err: float = 0.03
+    #: the most relative error any one channel may get (its own RMS error over its robust
+    #: spread, about): the step is refined for quiet channels that one global step would
+    #: zero out. 0 turns this off (pure rate-optimal allocation). Unit: ratio.
+    channel_rel_err: float = 0.25
     #: use the grid of image tokens (from the TokenLayout hint) for an 8x8 DCT.
     transform: bool = True
     #: code the change from the previous message when a StreamState is given.
@@ -189,19 +194,36 @@ def _inverse(coef: torch.Tensor, p: _Plan, d: torch.Tensor) -> torch.Tensor:
     return torch.cat([text, img.reshape(p.batch, p.h * p.w, p.channels)], dim=1)
 
 
-def _classes(p: _Plan, device) -> torch.Tensor:
-    """Band class of every coefficient, flat, in the plan's order."""
-    text = torch.full((p.batch * p.n_txt * p.channels,), TEXT_CLASS, dtype=torch.int64, device=device)
+def _row_classes(p: _Plan, device) -> torch.Tensor:
+    """Band class of every row of C coefficients (channels are innermost), in plan order."""
+    text = torch.full((p.batch * p.n_txt,), TEXT_CLASS, dtype=torch.int64, device=device)
     if not p.h:
         return text
-    loud = torch.full((len(p.loud) * p.channels,), LOUD_CLASS, dtype=torch.int64, device=device)
+    loud = torch.full((len(p.loud),), LOUD_CLASS, dtype=torch.int64, device=device)
     blocks = (p.hp // BLOCK) * (p.wp // BLOCK)
-    img = _band_classes(device)[None, None, :, None].expand(p.batch, blocks, BLOCK * BLOCK, p.channels)
+    img = _band_classes(device)[None, None, :].expand(p.batch, blocks, BLOCK * BLOCK)
     return torch.cat([text, loud, img.reshape(-1)])
 
 
-def _channel_index(p: _Plan, device) -> torch.Tensor:
-    return torch.arange(p.n_coef, device=device) % p.channels
+def _channel_spread(centered: torch.Tensor) -> torch.Tensor:
+    """Robust spread of each channel (1.4826 x median absolute deviation), (C,)."""
+    flat = centered.reshape(-1, centered.shape[-1])
+    return 1.4826 * flat.abs().median(dim=0).values
+
+
+def _channel_shifts(step: float, spread: torch.Tensor, floor: float) -> torch.Tensor:
+    """Per channel k >= 0 such that step / 2^k <= floor * spread: no channel is coded coarser
+    than its own `channel_rel_err` allows, however quiet it is next to the loud ones."""
+    if floor <= 0:
+        return torch.zeros_like(spread, dtype=torch.int64)
+    ratio = step / (floor * spread.clamp(min=1e-30))
+    k = torch.ceil(torch.log2(ratio.clamp(min=1.0)))
+    return torch.where(spread > 0, k, torch.zeros_like(k)).clamp(0, MAX_SHIFT).to(torch.int64)
+
+
+def _steps(step: float, shifts: torch.Tensor) -> torch.Tensor:
+    """Per-channel step sizes: step / 2^shift, exact in float32 on every device."""
+    return torch.tensor(step, dtype=torch.float32, device=shifts.device) * torch.pow(2.0, -shifts.float())
 
 
 def _expand_center(center: torch.Tensor, p: _Plan) -> torch.Tensor:
@@ -259,19 +281,23 @@ class GpuCodec:
             p = replace(p, loud=_find_loud(centered, p))
             coef = _forward(centered, p, d, None)
         norm = float(x.norm())
-        step = _fit_step(coef, s.rel_err * norm, p.batch * p.tokens * p.channels)
-        q = torch.round(coef / step).to(torch.int64)
+        spread = _channel_spread(x - (center if center is not None else x.reshape(-1, p.channels).median(0).values))
+        floor = s.channel_rel_err * math.sqrt(12.0)
+        coef2d = coef.view(-1, p.channels)
+        step, shifts = _fit_step(coef2d, spread, floor, s.rel_err * norm, p.batch * p.tokens * p.channels)
+        steps_c = _steps(step, shifts)
+        q = torch.round(coef2d / steps_c).to(torch.int64).reshape(-1)
         token, n_raw, raw = tokenize(q)
 
-        # Contexts: one bucket per (band class, channel), from the RMS of its coefficients.
-        cls = _classes(p, device)
-        cell = cls * p.channels + _channel_index(p, device)
-        sq = torch.zeros(N_CLASSES * p.channels, device=device).index_add_(0, cell, coef * coef)
-        cnt = torch.zeros(N_CLASSES * p.channels, device=device).index_add_(0, cell, torch.ones_like(coef))
-        rms = (sq / cnt.clamp(min=1)).sqrt()
-        bucket = (2 * torch.log2(rms / step + 1e-30)).round().add(BUCKET_OFFSET).clamp(0, N_BUCKETS - 1)
+        # Contexts: one bucket per (band class, channel), from the RMS of its coefficients
+        # in units of that channel's step: each rANS table codes a similar distribution.
+        row_cls = _row_classes(p, device)
+        sq = torch.zeros(N_CLASSES, p.channels, device=device).index_add_(0, row_cls, coef2d * coef2d)
+        cnt = torch.bincount(row_cls, minlength=N_CLASSES).clamp(min=1)[:, None]
+        rms = (sq / cnt).sqrt()
+        bucket = (2 * torch.log2(rms / steps_c + 1e-30)).round().add(BUCKET_OFFSET).clamp(0, N_BUCKETS - 1)
         bucket = bucket.to(torch.uint8)
-        ctx = bucket.to(torch.int64)[cell]
+        ctx = bucket.to(torch.int64)[row_cls].reshape(-1)
         counts = torch.zeros(N_BUCKETS, ALPHABET, dtype=torch.int64, device=device)
         counts.index_put_((ctx, token), torch.ones_like(token), accumulate=True)
         freq = normalize_counts(counts)
@@ -282,7 +308,7 @@ class GpuCodec:
         escaped = torch.nonzero(token == ESCAPE).flatten()
         esc_values = coef[escaped]
         if temporal:
-            recon = q.float() * step
+            recon = (q.view(-1, p.channels).float() * steps_c).reshape(-1)
             recon[escaped] = esc_values
             base = state.reference["coef"] if delta else _expand_center(center, p)
             fill = state.reference["fill"] if delta else center
@@ -290,9 +316,9 @@ class GpuCodec:
             state.signature = p
             ref_seq = state.seq
             state.seq += 1
-        names = ["buckets", "freq", "group_words", "states", "words", "esc_pos", "esc_val"]
+        names = ["shifts", "buckets", "freq", "group_words", "states", "words", "esc_pos", "esc_val"]
         used = torch.nonzero(freq.sum(-1) > 0).flatten()
-        payload = [bucket, freq[used].to(torch.int16), streams.group_words.to(torch.int32),
+        payload = [shifts.to(torch.uint8), bucket, freq[used].to(torch.int16), streams.group_words.to(torch.int32),
                    _as_u32(streams.states), _as_u16(streams.words),
                    escaped.to(torch.int64), esc_values.float()]
         if center is not None:
@@ -335,7 +361,7 @@ class GpuCodec:
             raise CodecError("gpu codec header has malformed grid/rans/step/parts fields") from None
         stream = header.get("stream")
         delta = bool(stream and stream.get("delta"))
-        names = (["center"] if not delta else []) + ["buckets", "freq", "group_words", "states", "words",
+        names = (["center"] if not delta else []) + ["shifts", "buckets", "freq", "group_words", "states", "words",
                                                       "esc_pos", "esc_val"]
         if sorted(parts) != sorted(names) or len(buffers) != len(names):
             raise CodecError(f"gpu codec message needs {len(names)} buffers {names}, got {len(buffers)}")
@@ -363,7 +389,7 @@ class GpuCodec:
         if not (isinstance(tables, list) and all(isinstance(t, int) and 0 <= t < N_BUCKETS for t in tables)
                 and len(set(tables)) == len(tables)):
             raise CodecError("gpu codec header lists impossible context tables")
-        expected = {"center": p.channels * 2, "buckets": N_CLASSES * p.channels, "freq": len(tables) * ALPHABET * 2,
+        expected = {"center": p.channels * 2, "shifts": p.channels, "buckets": N_CLASSES * p.channels, "freq": len(tables) * ALPHABET * 2,
                     "group_words": groups * 4, "states": groups * lanes * 4}
         for name, size in expected.items():
             if name in sizes and sizes[name] != size:
@@ -375,6 +401,7 @@ class GpuCodec:
             pos += sizes[name]
         try:
             bucket = pieces["buckets"].to(torch.int64)
+            shifts = pieces["shifts"].to(torch.int64)
             freq = torch.zeros(N_BUCKETS, ALPHABET, dtype=torch.int64, device=dev)
             freq[torch.tensor(tables, dtype=torch.int64, device=dev)] = \
                 pieces["freq"].view(torch.int16).to(torch.int64).reshape(len(tables), ALPHABET)
@@ -389,18 +416,18 @@ class GpuCodec:
             raise CodecError("gpu codec frequency tables are corrupt")
         if int(group_words.sum()) != words.numel() or bool((group_words < 0).any()):
             raise CodecError("gpu codec word counts do not match the word stream: truncated or corrupt")
-        if bool(((bucket < 0) | (bucket >= N_BUCKETS)).any()) or esc_pos.numel() != esc_val.numel():
+        if bool(((bucket < 0) | (bucket >= N_BUCKETS)).any()) or esc_pos.numel() != esc_val.numel() or \
+                bool((shifts > MAX_SHIFT).any()):
             raise CodecError("gpu codec context or escape buffers are corrupt")
         if esc_pos.numel() and bool(((esc_pos < 0) | (esc_pos >= p.n_coef)).any()):
             raise CodecError("gpu codec escape positions point outside the tensor")
-        cell = _classes(p, dev) * p.channels + _channel_index(p, dev)
-        ctx = bucket[cell]
+        ctx = bucket.view(N_CLASSES, p.channels)[_row_classes(p, dev)].reshape(-1)
         try:
             token, raw = _rans(dev).rans_decode(RansStreams(words, group_words, states.view(groups, lanes)), ctx,
                                                 freq, geo)
         except (ValueError, IndexError, RuntimeError) as exc:
             raise CodecError(f"gpu codec entropy stream is corrupt: {exc}") from None
-        recon = detokenize(token, raw).float() * step
+        recon = (detokenize(token, raw).float().view(-1, p.channels) * _steps(step, shifts)).reshape(-1)
         recon[esc_pos] = esc_val
         d = dct_matrix(device=dev)
         if delta:
@@ -416,8 +443,9 @@ class GpuCodec:
         return x.reshape(shape).to(out_dtype)
 
 
-def _fit_step(coef: torch.Tensor, target: float, numel: int) -> float:
-    """The largest step whose quantisation error stays within `target` (an L2 norm).
+def _fit_step(coef2d: torch.Tensor, spread: torch.Tensor, floor: float, target: float,
+              numel: int) -> tuple[float, torch.Tensor]:
+    """The largest step (and its per-channel shifts) whose error stays within `target`.
 
     The transform is orthonormal, so the error is measured exactly on the coefficients.
     Start from the high-rate estimate (every coefficient off by a uniform error of
@@ -426,18 +454,20 @@ def _fit_step(coef: torch.Tensor, target: float, numel: int) -> float:
     it, each one pass over the coefficients.
     """
     if target <= 0:
-        return 1.0
+        return 1.0, torch.zeros_like(spread, dtype=torch.int64)
     step = target * math.sqrt(12.0 / max(numel, 1))
     best = None
     for _ in range(FIT_ITERATIONS):
         step = float(torch.tensor(step, dtype=torch.float32))  # the exact value both ends use
-        err = float((coef - torch.round(coef / step) * step).norm())
-        if err <= target:
-            best = step if best is None else max(best, step)
+        shifts = _channel_shifts(step, spread, floor)
+        steps_c = _steps(step, shifts)
+        err = float((coef2d - torch.round(coef2d / steps_c) * steps_c).norm())
+        if err <= target and (best is None or step > best[0]):
+            best = (step, shifts)
         if err == 0:
             break
         step *= min(4.0, max(0.25, (target / err) ** 0.9))
-    return best if best is not None else _fit_step(coef, target * 0.5, numel)
+    return best if best is not None else _fit_step(coef2d, spread, floor, target * 0.5, numel)
 
 
 def _as_u32(x: torch.Tensor) -> torch.Tensor:
