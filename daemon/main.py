@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
+import signal
 import socket
 import sys
+import threading
 import uuid
 
 import torch
@@ -34,6 +37,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default=None, help="human-readable node name (default: hostname)")
     p.add_argument("--node-id", default=None, help="the name plans use for this node (default: random, stable per run)")
     p.add_argument("--max-message-mb", type=float, default=1024.0, help="refuse requests larger than this (MB)")
+    p.add_argument("--no-announce", action="store_true",
+                   help="do not announce this daemon over mDNS (peers can still name it as HOST:PORT)")
+    p.add_argument("--announce-interface", action="append", type=_ipv4, default=None, metavar="IP",
+                   help="announce on the interface with this IPv4 address (repeatable; default: where --host "
+                        "listens: loopback for 127.0.0.1, every interface for 0.0.0.0)")
+    p.add_argument("--announce-refresh", type=float, default=5.0, metavar="S",
+                   help="republish memory figures at most every S seconds (plan changes go out at once); default 5")
+
+
+def _ipv4(value: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an IPv4 address (the interface's own address, "
+                                         "e.g. 192.168.1.20)") from None
 
 
 def build(args: argparse.Namespace) -> DaemonServer:
@@ -47,13 +65,35 @@ def build(args: argparse.Namespace) -> DaemonServer:
     return DaemonServer(host, ServerSettings(bind_host=args.host, port=args.port))
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM shuts down like Ctrl-C: replies leave, the announcement is withdrawn
+
+
 def run(args: argparse.Namespace) -> int:
+    from .announce import DaemonAnnouncer
+
     server = build(args)
     server.start()
-    hosted = server.host.hosted
-    # One JSON line on stdout says the daemon is ready and where; logs go to stderr.
-    sys.stdout.write(json.dumps({"event": "ready", "endpoint": server.endpoint, "node": server.host.settings.node_id,
-                                 "hosted": hosted.to_list() if hosted else None}) + "\n")
-    sys.stdout.flush()
-    server.serve_forever()
+    announcer = None
+    if not getattr(args, "no_announce", False):
+        try:
+            announcer = DaemonAnnouncer(server, interfaces=getattr(args, "announce_interface", None),
+                                        refresh_s=getattr(args, "announce_refresh", 5.0)).start()
+        except BaseException:
+            server.stop()
+            raise
+    try:
+        hosted = server.host.hosted
+        # One JSON line on stdout says the daemon is ready and where; logs go to stderr.
+        sys.stdout.write(json.dumps({"event": "ready", "endpoint": server.endpoint,
+                                     "node": server.host.settings.node_id,
+                                     "hosted": hosted.to_list() if hosted else None,
+                                     "announce": (announcer.interfaces or "all") if announcer else None}) + "\n")
+        sys.stdout.flush()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _interrupt)
+        server.serve_forever()  # stops the server when interrupted
+    finally:
+        if announcer is not None:
+            announcer.stop()
     return 0

@@ -24,3 +24,9 @@ def tiny_guided_checkpoint(tmp_path_factory) -> str:
     # Under ComfyUI's prefix, as ComfyUI's own single-file saves lay it out.
     path = tmp_path_factory.mktemp("ckpt") / "tiny-flux2-guided.safetensors"
     return str(write_random_checkpoint(path, TINY_GUIDED, seed=11, dtype=torch.float32, prefix="model.diffusion_model."))
+
+
+# Qt never needs a display in tests: the panel tests run offscreen (set before any QApplication).
+import os  # noqa: E402
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
