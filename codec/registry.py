@@ -10,7 +10,8 @@ PyNvVideoCodec; `x265`: PyAV). A codec class may define `capability() -> (usable
 reason)`; `capabilities()` reports it for every registered codec, `available()` lists the
 usable ones, and `get` of an unusable codec raises CodecError with the reason. Decoding
 does not need the encoder: `decode` accepts every registered codec's messages (an nvenc
-message decodes in software where there is no NVDEC).
+message decodes in software where there is no NVDEC), and `decode_capabilities()` says
+which this machine can decode (`decode_capability()` on the class, where defined).
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ _CODECS: dict[str, type] = {cls.name: cls for cls in (RawCodec, CpuCodec, GpuCod
 _DECODERS: dict[str, Codec] = {}
 
 
-def _capability(cls: type) -> tuple[bool, str]:
-    probe = getattr(cls, "capability", None)
+def _capability(cls: type, probe_name: str = "capability") -> tuple[bool, str]:
+    probe = getattr(cls, probe_name, None)
     return (True, "always available") if probe is None else probe()
 
 
@@ -46,6 +47,13 @@ def capabilities() -> dict[str, tuple[bool, str]]:
     the first time on a GPU machine).
     """
     return {name: _capability(_CODECS[name]) for name in sorted(_CODECS)}
+
+
+def decode_capabilities() -> dict[str, tuple[bool, str]]:
+    """Every registered codec: (can this machine decode its messages, why or why not),
+    from the class's `decode_capability()` where it has one (an nvenc message decodes
+    with NVDEC or, failing that, in software)."""
+    return {name: _capability(_CODECS[name], "decode_capability") for name in sorted(_CODECS)}
 
 
 def available() -> list[str]:

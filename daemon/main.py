@@ -70,13 +70,13 @@ def _interrupt(signum, frame):
 
 
 def run(args: argparse.Namespace) -> int:
-    from .announce import DaemonAnnouncer
-
     server = build(args)
     server.start()
     announcer = None
     if not getattr(args, "no_announce", False):
         try:
+            from .announce import DaemonAnnouncer  # zeroconf loads only for daemons that announce
+
             announcer = DaemonAnnouncer(server, interfaces=getattr(args, "announce_interface", None),
                                         refresh_s=getattr(args, "announce_refresh", 5.0)).start()
         except BaseException:

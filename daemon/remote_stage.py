@@ -38,6 +38,7 @@ class HopStats:
     wire_s: float  # request sent to reply received, remote compute included
     remote_compute_s: float
     decode_s: float
+    measure_s: float = 0.0  # spent measuring rel_err (a diagnostic, not part of the hop's cost)
 
 
 class RemoteStage:
@@ -147,12 +148,14 @@ class RemoteStage:
                 self._reset_streams()  # we cannot know what the daemon kept: start over next time
                 raise
         self._ids_sent.add(ids_hash)
-        rel_err = self._measure(carry, hidden) if self.measure_error else None
         t3 = time.perf_counter()
+        rel_err = self._measure(carry, hidden) if self.measure_error else None
+        measure_s = time.perf_counter() - t3
         stats = HopStats(node=self.node, bytes_out=self.client.bytes_sent - sent0,
                          bytes_in=self.client.bytes_received - recv0,
                          raw_bytes=2 * (hidden.numel() + result.numel()), rel_err=rel_err, encode_s=t1 - t0,
-                         wire_s=t2 - t1, remote_compute_s=reply.body.compute_s, decode_s=t3 - t2)
+                         wire_s=t2 - t1, remote_compute_s=reply.body.compute_s, decode_s=t3 - t2,
+                         measure_s=measure_s)
         return result, reply.body.kind, stats
 
     def _reset_streams(self) -> None:
@@ -164,7 +167,7 @@ class RemoteStage:
     def _measure(self, carry, hidden: torch.Tensor) -> float:
         """The carry's relative error after the wire, decoding as the daemon does (a mirror state)."""
         try:
-            restored = codecs.decode(carry, state=self._measure_state).to(hidden.device, torch.float32)
+            restored = codecs.decode(carry, hidden.device, state=self._measure_state).float()
         except CodecStateError:  # the mirror missed a key message (a retry): resync on this one
             self._measure_state.reset()
             return float("nan")
