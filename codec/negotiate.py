@@ -65,24 +65,9 @@ def choose(endpoint: str, *, local_encoders: list[str], local_decoders: list[str
 
 
 def local_capabilities() -> tuple[list[str], list[str]]:
-    """(codecs this process can encode, codecs it can decode)."""
+    """(codecs this process can encode, codecs it can decode), from the registry's probes."""
     from . import registry
 
-    caps = getattr(registry, "capabilities", None)
-    if caps is None:
-        names = registry.available()
-        return names, names
-    table = caps()
-    encoders = [name for name, cap in table.items() if _usable(cap, "encode")]
-    decoders = [name for name, cap in table.items() if _usable(cap, "decode")]
+    encoders = [name for name, (usable, _) in registry.capabilities().items() if usable]
+    decoders = [name for name, (usable, _) in registry.decode_capabilities().items() if usable]
     return encoders, decoders
-
-
-def _usable(cap, direction: str) -> bool:
-    """Read a capability entry: a dict with per-direction flags, or an (ok, reason) pair."""
-    if isinstance(cap, dict):
-        value = cap.get(direction, cap.get("usable", False))
-        return bool(value[0] if isinstance(value, (tuple, list)) else value)
-    if isinstance(cap, (tuple, list)):
-        return bool(cap[0])
-    return bool(cap)

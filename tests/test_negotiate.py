@@ -34,3 +34,12 @@ def test_gpu_codec_needs_cuda_on_the_sender_else_cpu():
     c = choose("tcp://10.0.0.2:5599", local_encoders=["raw"], local_decoders=["raw"], local_cuda=False,
                peer_encoders=ALL, peer_decoders=ALL, peer_cuda=False)
     assert (c.carry, c.reply) == ("raw", "raw") and "no compressing codec" in c.reason
+
+
+def test_this_machine_decodes_nvenc_messages_it_cannot_encode():
+    from comfy_mesh.codec.negotiate import local_capabilities
+
+    encoders, decoders = local_capabilities()
+    assert {"raw", "cpu", "gpu"} <= set(encoders) <= set(decoders)
+    assert "nvenc" not in encoders  # no NVENC on a CPU machine: found by trying, not assumed
+    assert "nvenc" in decoders  # its HEVC decodes in software (FFmpeg) here
