@@ -218,7 +218,10 @@ def _rows_for_stats(flat: torch.Tensor) -> torch.Tensor:
 def _channel_spread(centered: torch.Tensor) -> torch.Tensor:
     """Robust spread of each channel (1.4826 x median absolute deviation), (C,)."""
     flat = _rows_for_stats(centered.reshape(-1, centered.shape[-1]))
-    return 1.4826 * flat.abs().median(dim=0).values
+    mad = 1.4826 * flat.abs().median(dim=0).values
+    # A channel whose values mostly sit on one bf16 value (a massive channel on a large
+    # offset) has MAD 0 though it varies: fall back to its RMS deviation.
+    return torch.where(mad > 0, mad, flat.pow(2).mean(dim=0).sqrt())
 
 
 def _channel_shifts(step: float, spread: torch.Tensor, floor: float) -> torch.Tensor:

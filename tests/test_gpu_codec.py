@@ -103,6 +103,19 @@ def test_quiet_channels_keep_their_shape():
     assert _rel(decode(floored), x) <= 0.05 and _ratio(x, floored) >= 4.0
 
 
+def test_massive_channels_in_bf16_keep_their_shape_too():
+    # In bf16 a channel on a large offset mostly sits on one representable value: its
+    # median absolute deviation is 0 though it varies (regression: it was zeroed).
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 640, 128, generator=g)
+    x[..., 5] = 300 + 0.8 * torch.randn(640, generator=g)  # bf16 spacing at 300 is 2
+    x = x.bfloat16().float()
+    centred = x[0] - x[0].median(dim=0).values
+    assert (centred.abs().median(dim=0).values == 0).any()
+    y = decode(get("gpu", rel_err=0.05).encode(x, layout=SPEC.layout))[0] - x[0].median(dim=0).values
+    assert float(torch.nn.functional.cosine_similarity(centred, y, dim=0).min()) >= 0.95
+
+
 def test_values_beyond_the_token_range_travel_exactly():
     # At a tight target one value can need more than 2^16 steps: it escapes, exactly.
     x = torch.randn(1, 640, 128)
