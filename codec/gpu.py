@@ -480,7 +480,10 @@ def _fit_step(coef2d: torch.Tensor, spread: torch.Tensor, floor: float, target: 
             best = (step, shifts)
         if err == 0:
             break
-        step *= min(4.0, max(0.25, (target / err) ** 0.9))
+        ratio = target / err
+        # Over the target: shrink in proportion (the error scales about with the step), with
+        # a margin so the next try lands under it. Under: grow, damped, to stay under.
+        step *= max(0.25, ratio * 0.995) if ratio < 1 else min(4.0, ratio ** 0.9)
     return best if best is not None else _fit_step(coef2d, spread, floor, target * 0.5, numel)
 
 
