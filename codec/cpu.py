@@ -44,6 +44,7 @@ import torch
 import zstandard
 
 from .base import CodecError, EncodedTensor
+from .robust import channel_stats, check_values, fallback_spread, setting_int, setting_number
 from .checks import (
     check_codec_and_version,
     dtype_name,
@@ -66,15 +67,6 @@ FORMAT_VERSION = 1
 #: Number of buffers in a cpu message (see the module docstring for the layout).
 N_BUFFERS = 5
 
-#: 1 / Phi^-1(3/4): turns a median absolute deviation into a Gaussian standard deviation.
-MAD_TO_SIGMA = 1.4826
-#: sqrt(pi / 2): turns a mean absolute deviation into a Gaussian standard deviation; used
-#: only where more than half of a channel equals its median, so that the MAD is 0.
-MEAN_AD_TO_SIGMA = 1.2533
-
-#: Largest magnitude accepted: keeps every square and product finite in float32.
-MAX_ABS = 2.0**60
-
 _QDTYPES: dict[str, np.dtype] = {
     "int8": np.dtype(np.int8),
     "int16": np.dtype(np.int16),
@@ -91,18 +83,6 @@ _CAST_ROUNDING: dict[torch.dtype, tuple[float, float]] = {
     torch.bfloat16: (2.0**-8, 2.0**-134),
     torch.float16: (2.0**-11, 2.0**-25),
 }
-
-
-def _number(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise CodecError(f"cpu codec setting {what} must be a number, got {value!r}")
-    return float(value)
-
-
-def _integer(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise CodecError(f"cpu codec setting {what} must be an int, got {value!r}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -123,10 +103,10 @@ class CpuSettings:
     stats_tokens: int = 1024
 
     def __post_init__(self) -> None:
-        quality = _number(self.quality, "quality")
-        sigma = _number(self.outlier_sigma, "outlier_sigma")
-        level = _integer(self.zstd_level, "zstd_level")
-        stats = _integer(self.stats_tokens, "stats_tokens")
+        quality = setting_number(self.quality, "cpu", "quality")
+        sigma = setting_number(self.outlier_sigma, "cpu", "outlier_sigma")
+        level = setting_int(self.zstd_level, "cpu", "zstd_level")
+        stats = setting_int(self.stats_tokens, "cpu", "stats_tokens")
         if not (math.isfinite(quality) and quality > 0):
             raise CodecError(f"cpu codec quality must be a positive number, got {quality}")
         if not (math.isfinite(sigma) and sigma > 0):
@@ -202,13 +182,13 @@ class CpuCodec:
         # A private float32 copy: it turns into x - c, then into the symbols, in place
         # (fresh large allocations cost page faults that measured as much as the math).
         dev = t.reshape(tokens, channels).to(torch.float32, copy=True)
-        _check_values(dev)
+        check_values(dev, "cpu")
         sum_sq = _sum_squares(dev)
-        centers, spread = self._channel_stats(dev)
+        centers, spread = channel_stats(dev, self.settings.stats_tokens)
         dev.sub_(centers)
         absdev = dev.abs()
         maxdev = absdev.amax(dim=0) if tokens else torch.zeros(channels)
-        spread = _fallback_spread(spread, absdev, maxdev)
+        spread = fallback_spread(spread, absdev, maxdev)
         steps = torch.where(
             maxdev > 0,
             (spread / self.settings.quality).clamp_min(_TINY32),
@@ -270,31 +250,6 @@ class CpuCodec:
         )
         return message
 
-    def _channel_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-channel median and robust spread (1.4826 x MAD) of x (tokens, channels).
-
-        Statistics come from at most `stats_tokens` evenly spaced tokens when set; they
-        only choose the step and the outlier threshold, so sampling never affects the
-        error bound, only how tight it is.
-        """
-        tokens, channels = x.shape
-        if tokens == 0:
-            return torch.zeros(channels), torch.zeros(channels)
-        limit = self.settings.stats_tokens
-        if limit and tokens > limit:
-            rows = torch.linspace(0, tokens - 1, limit).round().long()
-            sample = x.index_select(0, rows)
-        else:
-            sample = x
-        # A private channel-major copy (selection along contiguous rows is much faster;
-        # `.contiguous()` could return a view of x itself when there is one token).
-        by_channel = torch.empty((channels, sample.shape[0]), dtype=torch.float32)
-        by_channel.copy_(sample.t())
-        centers = _lower_median(by_channel)
-        by_channel.sub_(centers[:, None]).abs_()
-        spread = _lower_median(by_channel) * MAD_TO_SIGMA
-        return centers, spread
-
     # ----------------------------------------------------------------- decode
 
     def decode(self, message: EncodedTensor, device: torch.device | str | None = None, *, state=None) -> torch.Tensor:
@@ -313,51 +268,6 @@ class CpuCodec:
             y.clamp_(-limit, limit)
             y = y.to(p.dtype)
         return to_device(y.reshape(p.shape), device)
-
-
-def _lower_median(rows: torch.Tensor) -> torch.Tensor:
-    """Per-row lower median (what torch.median returns), by numpy's introselect.
-
-    np.partition measured about as fast as torch.median on random rows, and stays
-    fast on rows full of ties (bfloat16 inputs), where torch.median slowed down
-    several-fold in one measurement. Partitions a scratch copy.
-    """
-    k = (rows.shape[1] - 1) // 2
-    return torch.from_numpy(np.partition(rows.numpy(), k, axis=1)[:, k].copy())
-
-
-def _check_values(x: torch.Tensor) -> None:
-    if x.numel() == 0:
-        return
-    lo, hi = (float(v) for v in torch.aminmax(x))  # NaN propagates into both
-    amax = max(-lo, hi)
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise CodecError(
-            "cpu codec: the tensor holds NaN or Inf values; these cannot be quantised "
-            "(find where the model overflowed, or send it with the raw codec)"
-        )
-    if amax > MAX_ABS:
-        raise CodecError(
-            f"cpu codec: the tensor holds a value of magnitude {amax:.3g}, beyond the "
-            f"{MAX_ABS:.3g} this codec handles; send it with the raw codec"
-        )
-
-
-def _fallback_spread(spread: torch.Tensor, absdev: torch.Tensor, maxdev: torch.Tensor) -> torch.Tensor:
-    """Replace a zero MAD in a channel that is not constant.
-
-    More than half of such a channel equals its median (a sparse channel); its mean
-    absolute deviation, scaled to a Gaussian sigma, gives a usable step instead of
-    turning every other value into an outlier. Failing that, its largest deviation.
-    """
-    bad = (spread == 0) & (maxdev > 0)
-    if not bool(bad.any()):
-        return spread
-    cols = bad.nonzero().view(-1)
-    fixed = spread.clone()
-    mean_ad = absdev.index_select(1, cols).mean(dim=0) * MEAN_AD_TO_SIGMA
-    fixed[cols] = torch.where(mean_ad > 0, mean_ad, maxdev[cols])
-    return fixed
 
 
 def _sum_squares(x: torch.Tensor) -> float:

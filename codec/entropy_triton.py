@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import torch
 
-from .entropy import ALPHABET, PROB_BITS, PROB_SCALE, STATE_LOW, Geometry, RansStreams, cumulative, slot_table
+from .entropy import (ALPHABET, ESCAPE, EXACT_TOKENS, PROB_BITS, PROB_SCALE, STATE_LOW, Geometry, RansStreams,
+                      cumulative, slot_table)
+
+# The kernels spell these constants out (65536, 4095, 12, 20): keep them in step.
+assert (PROB_BITS, PROB_SCALE, STATE_LOW) == (12, 4096, 65536)
 
 try:  # Triton is optional: present with CUDA builds of torch, absent on CPU-only machines
     import triton
@@ -126,8 +130,6 @@ def rans_encode(token, n_raw, raw, ctx, freq, geo: Geometry) -> RansStreams:
 
 
 def rans_decode(streams: RansStreams, ctx, freq, geo: Geometry):
-    from .entropy import ESCAPE, EXACT_TOKENS
-
     device = ctx.device
     G, S, W = geo.groups, geo.steps, geo.lanes
     cum = cumulative(freq).to(torch.int32).contiguous()

@@ -73,6 +73,7 @@ import torch
 
 from .base import CodecError
 from .checks import input_tensor
+from .robust import channel_stats, check_values, fallback_spread, setting_int, setting_number
 
 #: Tile sides are multiples of this many pixels (HEVC's minimum coding block).
 ALIGN = 8
@@ -89,28 +90,10 @@ CODE_CENTER = 128
 #: Pixel formats: name -> planes per frame.
 PIX_FMTS = {"yuv444p": 3, "gray": 1}
 
-#: 1 / Phi^-1(3/4): median absolute deviation -> Gaussian standard deviation.
-MAD_TO_SIGMA = 1.4826
-#: sqrt(pi / 2): mean absolute deviation -> Gaussian standard deviation.
-MEAN_AD_TO_SIGMA = 1.2533
-#: Largest magnitude accepted: keeps squares and products finite in float32.
-MAX_ABS = 2.0**60
 _TINY32 = float(np.finfo(np.float32).tiny)
 
 
 # --------------------------------------------------------------------------- settings
-
-
-def _number(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise CodecError(f"video codec setting {what} must be a number, got {value!r}")
-    return float(value)
-
-
-def _integer(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise CodecError(f"video codec setting {what} must be an int, got {value!r}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -133,11 +116,11 @@ class PackSettings:
     pix_fmt: str = "yuv444p"
 
     def __post_init__(self) -> None:
-        sigma = _number(self.clip_sigma, "clip_sigma")
+        sigma = setting_number(self.clip_sigma, "video", "clip_sigma")
         if not (math.isfinite(sigma) and 0 < sigma <= 1e6):
             raise CodecError(f"video codec clip_sigma must be a positive number, got {sigma}")
         for name in ("stats_tokens", "grid_width", "prefix_tokens"):
-            if _integer(getattr(self, name), name) < 0:
+            if setting_int(getattr(self, name), "video", name) < 0:
                 raise CodecError(f"video codec {name} must be >= 0, got {getattr(self, name)}")
         if self.grid_width > MAX_SIDE:
             raise CodecError(f"video codec grid_width {self.grid_width} exceeds the {MAX_SIDE} px frame limit")
@@ -347,60 +330,6 @@ class PackSide:
 # --------------------------------------------------------------------------- pack
 
 
-def check_values(x: torch.Tensor, codec: str) -> None:
-    """Finite and not absurdly large; CodecError otherwise."""
-    if x.numel() == 0:
-        return
-    lo, hi = (float(v) for v in torch.aminmax(x))  # NaN propagates into both
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise CodecError(
-            f"{codec} codec: the tensor holds NaN or Inf values; these cannot be quantised "
-            "(find where the model overflowed, or send it with the raw codec)"
-        )
-    if max(-lo, hi) > MAX_ABS:
-        raise CodecError(
-            f"{codec} codec: the tensor holds a value of magnitude {max(-lo, hi):.3g}, beyond "
-            f"the {MAX_ABS:.3g} this codec handles; send it with the raw codec"
-        )
-
-
-def _lower_median(rows: torch.Tensor) -> torch.Tensor:
-    """Per-row lower median by numpy's introselect (fast also on rows full of ties)."""
-    k = (rows.shape[1] - 1) // 2
-    return torch.from_numpy(np.partition(rows.numpy(), k, axis=1)[:, k].copy())
-
-
-def channel_stats(x: torch.Tensor, stats_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel median and robust spread (1.4826 x MAD) of x (rows, channels), from at
-    most `stats_tokens` evenly spaced rows (0: all). Sampling only moves the step and the
-    outlier threshold; the error stated in a message is measured on every value."""
-    rows, channels = x.shape
-    if rows == 0:
-        return torch.zeros(channels), torch.zeros(channels)
-    if stats_tokens and rows > stats_tokens:
-        sample = x.index_select(0, torch.linspace(0, rows - 1, stats_tokens).round().long())
-    else:
-        sample = x
-    by_channel = torch.empty((channels, sample.shape[0]), dtype=torch.float32)
-    by_channel.copy_(sample.t())
-    centers = _lower_median(by_channel)
-    by_channel.sub_(centers[:, None]).abs_()
-    return centers, _lower_median(by_channel) * MAD_TO_SIGMA
-
-
-def _fallback_spread(spread: torch.Tensor, absdev: torch.Tensor, maxdev: torch.Tensor) -> torch.Tensor:
-    """A zero MAD in a non-constant (sparse) channel: its mean absolute deviation as a
-    Gaussian sigma, failing that its largest deviation."""
-    bad = (spread == 0) & (maxdev > 0)
-    if not bool(bad.any()):
-        return spread
-    cols = bad.nonzero().view(-1)
-    fixed = spread.clone()
-    mean_ad = absdev.index_select(1, cols).mean(dim=0) * MEAN_AD_TO_SIGMA
-    fixed[cols] = torch.where(mean_ad > 0, mean_ad, maxdev[cols])
-    return fixed
-
-
 def quantise(x: torch.Tensor, settings: PackSettings, clip: float, codec: str = "video"):
     """Codes and side data for x (rows, channels) float32 (modified in place).
 
@@ -413,7 +342,7 @@ def quantise(x: torch.Tensor, settings: PackSettings, clip: float, codec: str = 
     lo, hi = torch.aminmax(x, dim=0)
     maxdev = torch.maximum(-lo, hi)
     if bool(((spread == 0) & (maxdev > 0)).any()):
-        spread = _fallback_spread(spread, x.abs(), maxdev)
+        spread = fallback_spread(spread, x.abs(), maxdev)
     steps = torch.where(maxdev > 0, (spread * (clip / CODE_HALF)).clamp_min(_TINY32), torch.zeros(()))
     x.div_(torch.where(steps > 0, steps, torch.ones(()))).round_()
     outlier = (x > CODE_HALF).logical_or_(x < -CODE_HALF)

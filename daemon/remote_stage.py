@@ -98,6 +98,10 @@ class RemoteStage:
     def reconfigure(self, plan):
         return self.client.reconfigure(plan)
 
+    def current_plan(self, timeout_s: float | None = None) -> dict | None:
+        """The plan the daemon follows now (from STATUS), or None from a daemon too old to say."""
+        return self.client.status(timeout_s=timeout_s).plan
+
     def forward(self, hidden: torch.Tensor, *, epoch: int, step: int, timestep: torch.Tensor,
                 guidance: torch.Tensor | None, txt_ids: torch.Tensor, img_ids: torch.Tensor,
                 ids_hash: str) -> tuple[torch.Tensor, str, HopStats]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import zmq
 
 from .host import ModelHost
-from .protocol import ErrorCode, HelloRequest, Message, ProtocolError, StatusRequest, error_message, from_frames
+from .protocol import HelloRequest, Message, ProtocolError, StatusRequest, error_message, from_frames
 
 log = logging.getLogger(__name__)
 

@@ -26,6 +26,8 @@ from .record import SERVICE_TYPE, DiscoveryError, PeerRecord
 log = logging.getLogger(__name__)
 
 RESOLVE_TIMEOUT_MS = 3000  # how long a browser waits for a service's SRV/TXT/A records
+RECORD_TTL_S = 120  # a daemon that dies without saying goodbye (SIGKILL, power) leaves browsers within this
+LIVENESS_S = 5.0  # how often a browser checks that its peers' records are still alive
 _LABEL_MAX = 63  # bytes in one DNS label
 
 
@@ -68,8 +70,10 @@ def _host_name(node: str) -> str:
 class Announcer:
     """One daemon's mDNS service: publish (register, then update in place) and withdraw."""
 
-    def __init__(self, interfaces: list[str] | None = None):
+    def __init__(self, interfaces: list[str] | None = None, ttl_s: int = RECORD_TTL_S):
+        """`ttl_s`: lifetime of the records in browsers' caches; browsers refresh live ones before it ends."""
         self.interfaces = interfaces
+        self.ttl_s = ttl_s
         self._zc: Zeroconf | None = None
         self._info: ServiceInfo | None = None
         self._lock = threading.Lock()
@@ -87,8 +91,8 @@ class Announcer:
         with self._lock:
             name = self._info.name if self._info is not None else instance_name(record)
             info = ServiceInfo(SERVICE_TYPE, name, port=record.port, properties=record.to_txt(),
-                               server=_host_name(record.node),
-                               addresses=[socket.inet_aton(a) for a in addresses])
+                               server=_host_name(record.node), addresses=[socket.inet_aton(a) for a in addresses],
+                               host_ttl=self.ttl_s, other_ttl=self.ttl_s)
             if self._info is None:
                 self._zc.register_service(info, allow_name_change=True)
                 log.info("announced %s on %s at %s:%d", info.name, self.interfaces or "all interfaces",
@@ -116,26 +120,39 @@ class MdnsBrowser(PeerSource):
     """Live table of the comfy-mesh daemons that mDNS finds on `interfaces`."""
 
     def __init__(self, interfaces: list[str] | None = None, service_type: str = SERVICE_TYPE,
-                 resolve_timeout_ms: int = RESOLVE_TIMEOUT_MS):
+                 resolve_timeout_ms: int = RESOLVE_TIMEOUT_MS, liveness_s: float = LIVENESS_S):
+        """`liveness_s`: how often peers' records are checked for having expired (a daemon that died
+        without a goodbye); zeroconf itself would keep such a peer listed until its PTR record expires."""
         super().__init__()
         self.interfaces = interfaces
         self.service_type = service_type
         self.resolve_timeout_ms = resolve_timeout_ms
+        self.liveness_s = liveness_s
         self._zc: Zeroconf | None = None
         self._browser: ServiceBrowser | None = None
+        self._lock = threading.Lock()  # guards _nodes and _skipped (zeroconf's thread and the watcher)
         self._nodes: dict[str, str] = {}  # service name -> node id
         self._skipped: dict[str, str] = {}  # service name -> why it was skipped (logged once)
         self._networks = []
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     def start(self) -> "MdnsBrowser":
         if self._zc is None:
             self._zc = make_zeroconf(self.interfaces)
             self._networks = _local_networks(self.interfaces)
+            self._stop.clear()
             self._browser = ServiceBrowser(self._zc, self.service_type, handlers=[self._on_change])
+            self._watcher = threading.Thread(target=self._watch, name="comfy-mesh-mdns-liveness", daemon=True)
+            self._watcher.start()
             log.debug("browsing %s on %s", self.service_type, self.interfaces or "all interfaces")
         return self
 
     def stop(self) -> None:
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(self.resolve_timeout_ms / 1000 + 2)
+            self._watcher = None
         if self._browser is not None:
             self._browser.cancel()
             self._browser = None
@@ -166,26 +183,48 @@ class MdnsBrowser(PeerSource):
             record = PeerRecord.from_txt(info.properties or {}, address=self._best_address(addresses),
                                          port=info.port, source="mdns")
         except DiscoveryError as exc:
-            if self._skipped.get(name) != str(exc):
-                log.warning("skipping mDNS service %r: %s", name, exc)
+            with self._lock:
+                new_reason = self._skipped.get(name) != str(exc)
                 self._skipped[name] = str(exc)
+            if new_reason:
+                log.warning("skipping mDNS service %r: %s", name, exc)
             self._forget(name)
             return
-        self._skipped.pop(name, None)
-        old = self._nodes.get(name)
-        self._nodes[name] = record.node
-        if old is not None and old != record.node:
-            self._drop_node_if_unused(old)
+        with self._lock:
+            self._skipped.pop(name, None)
+            old = self._nodes.get(name)
+            self._nodes[name] = record.node
+            orphan = old if old is not None and old != record.node and old not in self._nodes.values() else None
+        if orphan is not None:
+            self.table.remove(orphan)
         self.table.put(record)
 
     def _forget(self, name: str) -> None:
-        node = self._nodes.pop(name, None)
-        if node is not None:
-            self._drop_node_if_unused(node)
+        with self._lock:
+            node = self._nodes.pop(name, None)
+            orphan = node if node is not None and node not in self._nodes.values() else None
+        if orphan is not None:
+            self.table.remove(orphan)
 
-    def _drop_node_if_unused(self, node: str) -> None:
-        if node not in self._nodes.values():
-            self.table.remove(node)
+    # ---------------------------------------------------------------- the liveness thread
+
+    def _watch(self) -> None:
+        """Drop peers whose SRV/TXT/A records expired and that do not answer one more query."""
+        while not self._stop.wait(self.liveness_s):
+            with self._lock:
+                names = list(self._nodes)
+            for name in names:
+                zc = self._zc
+                if self._stop.is_set() or zc is None:
+                    return
+                try:
+                    if ServiceInfo(self.service_type, name).load_from_cache(zc):
+                        continue
+                    if zc.get_service_info(self.service_type, name, timeout=self.resolve_timeout_ms) is None:
+                        log.info("%s stopped answering without a goodbye; dropping it", name)
+                        self._forget(name)
+                except Exception:  # the liveness check must not end; the next round tries again
+                    log.exception("mDNS liveness check of %s failed", name)
 
     def _best_address(self, addresses: list[str]) -> str:
         """Of the daemon's addresses, one on a network this machine is on (else the first)."""

@@ -26,6 +26,7 @@ from .plan import LOCAL, Plan
 log = logging.getLogger(__name__)
 
 STALE_EPOCH = "stale_epoch"  # the code a remote's refusal carries when its plan is newer
+PLAN_POLL_TIMEOUT_S = 1.0  # how long an all-local step waits to hear a remote's plan
 
 
 @dataclass
@@ -40,7 +41,8 @@ class StepStats:
 
 class SplitRunner:
     def __init__(self, local_stage, plan: Plan, remotes: dict | None = None):
-        """`remotes`: node id -> remote stage, for every node the plan may name."""
+        """`remotes`: node id -> remote stage (forward, reconfigure, current_plan), for every
+        node the plan may name."""
         self.local = local_stage
         self.remotes = remotes or {}
         self.plan = plan
@@ -48,6 +50,7 @@ class SplitRunner:
         self._lock = threading.Lock()
         self.stats: list[StepStats] = []
         self.steps_run = 0
+        self._unreachable: set[str] = set()
         self._pe_cache: tuple[str, torch.Tensor] | None = None
         self._install(plan)
 
@@ -72,6 +75,23 @@ class SplitRunner:
         log.info("plan epoch %d: local %s, %s", plan.epoch, plan.local,
                  ", ".join(f"{e.node} {e.blocks}" for e in plan.remotes) or "no remote")
 
+    def _poll_remote_plans(self) -> None:
+        """All-local steps send no FORWARD, so no STALE_EPOCH could tell us that someone
+        (the panel) gave a daemon blocks again: ask each known remote for its plan, with a
+        short deadline, and adopt a newer one. A remote that does not answer is skipped."""
+        for node, remote in self.remotes.items():
+            try:
+                plan = remote.current_plan(timeout_s=PLAN_POLL_TIMEOUT_S)
+            except Exception as exc:  # the generation goes on locally; say why once
+                if node not in self._unreachable:
+                    log.warning("cannot ask %s for its plan (%s); going on all-local", node, exc)
+                    self._unreachable.add(node)
+                continue
+            self._unreachable.discard(node)
+            if plan is not None and plan.get("epoch", -1) > self.plan.epoch:
+                self._adopt(plan)
+                return
+
     def _adopt(self, plan_dict: dict) -> None:
         plan = Plan.from_dict(plan_dict)
         log.info("a remote moved to plan epoch %d; adopting it", plan.epoch)
@@ -88,6 +108,8 @@ class SplitRunner:
             pending, self._pending = self._pending, None
         if pending is not None and pending != self.plan:
             self._install(pending)
+        elif not self.plan.remotes:
+            self._poll_remote_plans()
         for _ in range(3):  # a plan can move again while we adopt it; give up after a few
             try:
                 return self._step(img, txt, timestep, img_ids, txt_ids, guidance, step)

@@ -353,3 +353,25 @@ def test_auto_codec_is_raw_on_loopback_and_status_says_why(model, tiny_checkpoin
         status = client.status()
         client.close()
     assert status.codec["codec"] == "raw" and "loopback" in status.codec["reason"]
+
+
+def test_all_local_steps_notice_a_daemon_given_blocks_again(model, tiny_checkpoint):
+    """At n_blocks_remote = 0 no FORWARD goes out; the runner asks for the plan instead."""
+    x = inputs(model.config)
+    steps = 4
+    expected = _local_reference(model, x, steps)
+    with running_daemon(tiny_checkpoint, blocks=2) as server:
+        runner, client = _runner(model, server, 0)
+        panel = DaemonClient(server.endpoint, timeout_s=30, name="panel")
+        node = next(iter(runner.remotes))
+
+        def step_fn(z, s, i):
+            if i == 2:
+                panel.reconfigure(tail_split(model.config.n_blocks, 3, remote=node, epoch=runner.plan.epoch + 1))
+            return runner(z, x["txt"], s, x["img_ids"], x["txt_ids"], x["guidance"])
+
+        got = euler_sample(step_fn, x["img"], flow_sigmas(steps, shift=3.0))
+        panel.close()
+        client.close()
+    assert [s.n_blocks_remote for s in runner.stats] == [0, 0, 3, 3]
+    assert _rel(got, expected) <= 1e-6

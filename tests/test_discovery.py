@@ -219,6 +219,43 @@ def test_mdns_daemon_appears_updates_and_disappears(tiny_checkpoint, caplog):
         browser.stop()
 
 
+ANNOUNCE_AND_WAIT = """
+import sys, time
+from comfy_mesh.discovery.mdns import Announcer
+from comfy_mesh.discovery.record import PeerRecord
+Announcer(["127.0.0.1"], ttl_s=4).publish(PeerRecord(node=sys.argv[1], name=sys.argv[1], port=9, n_blocks=5),
+                                          ["127.0.0.1"])
+print("up", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_daemon_that_dies_without_goodbye_leaves_after_its_ttl():
+    """SIGKILL sends no goodbye: the browser drops the peer once its records expire; a live one stays."""
+    browser = MdnsBrowser(interfaces=LOOPBACK, liveness_s=0.5, resolve_timeout_ms=1000)
+    log = EventLog(browser)
+    live, dead = f"node-live-{RUN}", f"node-dead-{RUN}"
+    procs = {node: subprocess.Popen([sys.executable, "-c", ANNOUNCE_AND_WAIT, node], stdout=subprocess.PIPE,
+                                    text=True) for node in (live, dead)}
+    browser.start()
+    try:
+        for proc in procs.values():
+            assert proc.stdout.readline().strip() == "up"
+        for node in (live, dead):
+            log.wait_for(lambda e, node=node: e.kind == "add" and e.record.node == node)
+        procs[dead].kill()
+        t0 = time.monotonic()
+        log.wait_for(lambda e: e.kind == "remove" and e.record.node == dead, timeout=15)
+        assert time.monotonic() - t0 < 4 + 0.5 + 1 + 3  # TTL, one check, one query, slack
+        time.sleep(4)  # another TTL: the live one's records were refreshed, it stays
+        assert live in {p.node for p in browser.peers()}
+    finally:
+        browser.stop()
+        for proc in procs.values():
+            proc.kill()
+            proc.wait(10)
+
+
 def _cli(*args, timeout=60) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, "-m", "comfy_mesh.cli", *args], capture_output=True, text=True,
