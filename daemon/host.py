@@ -20,10 +20,8 @@ from .. import __version__
 from .. import codec as codecs
 from ..codec.base import CodecError, CodecStateError, StreamState, TokenLayout
 from ..codec.negotiate import local_capabilities
-from ..splitter.checkpoint import tqdm_progress
 from ..splitter.context_hash import ids_hash, token_layout
 from ..splitter.errors import PlanError
-from ..splitter.flux2.stage import Flux2Stage
 from ..splitter.model_file import ModelFile
 from ..splitter.plan import BlockRange, Plan, tail_split
 from .memory import memory_report
@@ -117,9 +115,9 @@ class ModelHost:
                 loaded, seconds = 0, 0.0
             elif self.stage is None:
                 t0 = time.perf_counter()
-                self.stage = Flux2Stage(self.model.config, blocks, first=False,
-                                        last=plan.is_last(self.settings.node_id), load_weights=self._load_weights,
-                                        device=self.settings.device, dtype=self.settings.dtype)
+                self.stage = self.model.stage(blocks, first=False, last=plan.is_last(self.settings.node_id),
+                                              device=self.settings.device, dtype=self.settings.dtype,
+                                              show_progress=True, on_progress=self._on_load_progress)
                 loaded, seconds = self.stage.weight_bytes(), time.perf_counter() - t0
             else:
                 change = self.stage.set_range(blocks, first=False, last=plan.is_last(self.settings.node_id))
@@ -131,16 +129,8 @@ class ModelHost:
         self.plan = plan
         return loaded, seconds
 
-    def _load_weights(self, keys: list[str]) -> dict[str, torch.Tensor]:
-        """The stage's weight loader: the model file's, with byte progress kept for STATUS."""
-        bar = tqdm_progress(f"loading {len(keys)} tensors")
-
-        def progress(done: int, total: int, key: str) -> None:
-            self.loading = {"done": done, "total": total}
-            bar(done, total, key)
-
-        return self.model.checkpoint.load(keys, device=self.settings.device, dtype=self.settings.dtype,
-                                          progress=progress)
+    def _on_load_progress(self, done: int, total: int, key: str) -> None:
+        self.loading = {"done": done, "total": total}  # bytes of the weights being read, for STATUS
 
     # ---------------------------------------------------------------- requests
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import SafetensorsCheckpoint, resolve_checkpoint, tqdm_progress
+from .checkpoint import ProgressCallback, SafetensorsCheckpoint, resolve_checkpoint, tqdm_progress
 from .errors import ModelFormatError
 from .flux2.config import FLUX2_MARKER_KEYS, Flux2Config
 from .flux2.stage import Flux2Stage, WeightLoader
@@ -33,18 +33,27 @@ class ModelFile:
     fingerprint: str
     checkpoint: SafetensorsCheckpoint
 
-    def loader(self, device: torch.device | str, dtype: torch.dtype, show_progress: bool = False) -> WeightLoader:
+    def loader(self, device: torch.device | str, dtype: torch.dtype, show_progress: bool = False,
+               on_progress: ProgressCallback | None = None) -> WeightLoader:
+        """A stage's weight loader: reads only the keys asked for. `show_progress` draws a
+        byte progress bar on a terminal; `on_progress(done, total, key)` hears the same."""
         def load(keys: list[str]) -> dict[str, torch.Tensor]:
-            progress = tqdm_progress(f"loading {len(keys)} tensors") if show_progress else None
+            bar = tqdm_progress(f"loading {len(keys)} tensors") if show_progress else None
+
+            def progress(done: int, total: int, key: str) -> None:
+                for listener in (bar, on_progress):
+                    if listener is not None:
+                        listener(done, total, key)
+
             return self.checkpoint.load(keys, device=device, dtype=dtype, progress=progress)
         return load
 
     def stage(self, blocks: BlockRange, *, first: bool, last: bool, device: torch.device | str = "cpu",
-              dtype: torch.dtype = torch.float32, park_on_cpu: bool = False,
-              show_progress: bool = False) -> Flux2Stage:
+              dtype: torch.dtype = torch.float32, park_on_cpu: bool = False, show_progress: bool = False,
+              on_progress: ProgressCallback | None = None) -> Flux2Stage:
         return Flux2Stage(self.config, blocks, first=first, last=last,
-                          load_weights=self.loader(device, dtype, show_progress), device=device, dtype=dtype,
-                          park_on_cpu=park_on_cpu)
+                          load_weights=self.loader(device, dtype, show_progress, on_progress), device=device,
+                          dtype=dtype, park_on_cpu=park_on_cpu)
 
     def close(self) -> None:
         self.checkpoint.close()

@@ -241,8 +241,9 @@ def test_a_daemon_that_dies_without_goodbye_leaves_after_its_ttl():
     try:
         for proc in procs.values():
             assert proc.stdout.readline().strip() == "up"
-        for node in (live, dead):
-            log.wait_for(lambda e, node=node: e.kind == "add" and e.record.node == node)
+        added = set()
+        while added != {live, dead}:  # in whichever order they come
+            added.add(log.wait_for(lambda e: e.kind == "add" and e.record.node in {live, dead}).record.node)
         procs[dead].kill()
         t0 = time.monotonic()
         log.wait_for(lambda e: e.kind == "remove" and e.record.node == dead, timeout=15)
