@@ -46,8 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(run=codec_bench.main)
 
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Services log what they do; commands that print a result keep quiet unless asked (-v).
+    quiet = args.command in ("demo", "peers", "bench")
+    level = logging.DEBUG if args.verbose else (logging.WARNING if quiet else logging.INFO)
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.run(args)
     except KeyboardInterrupt:

@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import select
 import subprocess
 import sys
 import tempfile
@@ -103,21 +104,27 @@ def sample(model_fn, inputs: DemoInputs, steps: int) -> tuple[torch.Tensor, list
     return euler_sample(velocity, inputs.noise, flow_sigmas(steps, shift=3.0)), times
 
 
-def start_daemon(checkpoint: str, n_blocks: int, device: str, dtype: str) -> tuple[subprocess.Popen, str]:
-    """A real daemon process on loopback; returns it and its endpoint once it is ready."""
+def start_daemon(checkpoint: str, n_blocks: int, device: str, dtype: str,
+                 log_file) -> tuple[subprocess.Popen, str]:
+    """A real daemon process on loopback; returns it and its endpoint once it is ready.
+
+    Its log goes to `log_file` (shown if it fails to start), so the demo's own output
+    stays a table.
+    """
     cmd = [sys.executable, "-m", "comfy_mesh.cli", "daemon", "--model", checkpoint, "--blocks", str(n_blocks),
            "--port", "0", "--device", device, "--dtype", dtype, "--name", "demo-daemon",
            "--no-announce"]  # a loopback demo has nothing to announce to the network
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + DAEMON_START_TIMEOUT_S
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, text=True)
     line = ""
-    while time.monotonic() < deadline and proc.poll() is None:
+    if select.select([proc.stdout], [], [], DAEMON_START_TIMEOUT_S)[0]:
         line = proc.stdout.readline()  # the daemon's first stdout line is its ready record
-        if line:
-            break
     if not line:
         proc.kill()
-        raise RuntimeError(f"the demo daemon did not start (exit code {proc.poll()}); see its log above")
+        proc.wait(10)
+        log_file.seek(0)
+        tail = log_file.read()[-2000:]
+        raise RuntimeError(f"the demo daemon did not start within {DAEMON_START_TIMEOUT_S} s "
+                           f"(exit code {proc.poll()}); its log:\n{tail}")
     return proc, json.loads(line)["endpoint"]
 
 
@@ -146,19 +153,20 @@ def run_demo(args: argparse.Namespace) -> dict:
             torch.cuda.empty_cache()  # the daemon process needs the room
 
         # Split: local front + daemon tail over loopback ZeroMQ.
-        proc, endpoint = start_daemon(checkpoint, n_remote, device, dtype_name)
-        try:
-            client = DaemonClient(endpoint, name="demo")
-            remote = RemoteStage(client, codec, measure_error=True, device=device)
-            info = remote.connect(fingerprint=model.fingerprint)
-            plan = tail_split(config.n_blocks, n_remote, remote=info.node, epoch=info.epoch)
-            front = model.stage(plan.local, first=True, last=plan.is_last("local"), device=device, dtype=dtype)
-            runner = SplitRunner(front, plan, {info.node: remote})
-            split_final, split_times = sample(runner, inputs, args.steps)
-            client.close()
-        finally:
-            proc.terminate()
-            proc.wait(30)
+        with open(os.path.join(tmp, "daemon.log"), "w+") as daemon_log:
+            proc, endpoint = start_daemon(checkpoint, n_remote, device, dtype_name, daemon_log)
+            try:
+                client = DaemonClient(endpoint, name="demo")
+                remote = RemoteStage(client, codec, measure_error=True, device=device)
+                info = remote.connect(fingerprint=model.fingerprint)
+                plan = tail_split(config.n_blocks, n_remote, remote=info.node, epoch=info.epoch)
+                front = model.stage(plan.local, first=True, last=plan.is_last("local"), device=device, dtype=dtype)
+                runner = SplitRunner(front, plan, {info.node: remote})
+                split_final, split_times = sample(runner, inputs, args.steps)
+                client.close()
+            finally:
+                proc.terminate()
+                proc.wait(30)
         model.close()
 
     hops = [h for s in runner.stats for h in s.hops]
