@@ -91,6 +91,7 @@ class ModelHost:
         self.codec_choice: dict | None = None  # the last client's codec and why, for STATUS
         self._contexts: collections.OrderedDict[str, tuple] = collections.OrderedDict()
         self._apply_plan(self.plan)
+        local_capabilities()  # probe codecs now (NVENC takes ~0.5 s), not in the first HELLO
 
     # ---------------------------------------------------------------- plan
 

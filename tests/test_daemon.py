@@ -375,3 +375,25 @@ def test_all_local_steps_notice_a_daemon_given_blocks_again(model, tiny_checkpoi
         client.close()
     assert [s.n_blocks_remote for s in runner.stats] == [0, 0, 3, 3]
     assert _rel(got, expected) <= 1e-6
+
+
+def test_a_move_that_runs_out_of_memory_keeps_the_old_plan(model, tiny_checkpoint, monkeypatch):
+    x = inputs(model.config)
+    with running_daemon(tiny_checkpoint, blocks=2) as server:
+        runner, client = _runner(model, server, 2)
+        before = runner(x["img"], x["txt"], torch.tensor([0.5]), x["img_ids"], x["txt_ids"])
+
+        def full_gpu(*args, **kwargs):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+        monkeypatch.setattr(server.host.model.checkpoint, "load", full_gpu)
+        node = runner.plan.remotes[0].node
+        with pytest.raises(PeerRefused) as err:
+            client.reconfigure(tail_split(model.config.n_blocks, 5, remote=node, epoch=runner.plan.epoch + 1))
+        assert err.value.code == ErrorCode.OOM
+        monkeypatch.undo()
+        status = client.status()
+        assert status.hosted == [3, 5] and status.state == "serving" and status.epoch == runner.plan.epoch
+        again = runner(x["img"], x["txt"], torch.tensor([0.5]), x["img_ids"], x["txt_ids"])
+        client.close()
+    assert torch.equal(before, again)

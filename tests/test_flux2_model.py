@@ -124,3 +124,29 @@ def test_open_model_reads_prefixed_checkpoint(tiny_guided_checkpoint):
                                                                "final_layer.adaLN_modulation.1.weight"}
     finally:
         model.close()
+
+
+def test_a_failed_move_leaves_the_stage_as_it_was():
+    """Loading new blocks fails (a full GPU): the stage still hosts and computes its old range."""
+    state = random_checkpoint(TINY, seed=5)
+    x = _inputs(TINY, B=1)
+    fail = {"on": False}
+
+    def load(keys):
+        if fail["on"]:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return {k: state[k].clone() for k in keys}
+
+    tail = Flux2Stage(TINY, BlockRange(3, 5), first=False, last=True, load_weights=load)
+    front = Flux2Stage(TINY, BlockRange(0, 3), first=True, last=False, load_weights=_loader(state))
+    ctx = front.context(x["timestep"], None, x["txt_ids"], x["img_ids"])
+    hidden = front.run_blocks(front.embed(x["img"], x["txt"]), ctx)
+    ctx2 = tail.context(x["timestep"], None, x["txt_ids"], x["img_ids"])
+    before = tail.finish(tail.run_blocks(hidden, ctx2), ctx2)
+    modules = tail.hosted_modules()
+    fail["on"] = True
+    with pytest.raises(torch.OutOfMemoryError):
+        tail.set_range(BlockRange(0, 5))  # would need the double blocks and their modulation
+    assert tail.blocks == BlockRange(3, 5) and tail.hosted_modules() == modules
+    assert not any(p.is_meta for p in tail.parameters())
+    torch.testing.assert_close(tail.finish(tail.run_blocks(hidden, ctx2), ctx2), before, rtol=0, atol=0)

@@ -149,25 +149,18 @@ class Flux2Stage(nn.Module):
         current = set(self.hosted_modules())
         change = RangeChange()
 
-        for name in sorted(current - set(wanted)):
-            container, key = self._container(name)
-            module = container.pop(key)
-            if self.park_on_cpu:
-                self._parked[name] = module.to("cpu")
-            change.dropped.append(name)
-
+        # Everything new is made ready first, and only then swapped in: if loading fails
+        # (a full GPU, a bad file) the stage still hosts exactly what it hosted before.
+        # A tail stage only grows or shrinks at a time, so this adds little to the peak.
+        incoming: dict[str, nn.Module] = {}
         to_load: dict[str, nn.Module] = {}
         for name in wanted:
             if name in current:
                 continue
             if name in self._parked:
-                module = self._parked.pop(name).to(self.device)
+                incoming[name] = self._parked[name].to(self.device)
             else:
-                module = build_module(self.config, name)
-                to_load[name] = module
-            container, key = self._container(name)
-            container[key] = module
-
+                incoming[name] = to_load[name] = build_module(self.config, name)
         if to_load:
             keys = [f"{name}.{k}" for name, m in to_load.items() for k in m.state_dict()]
             tensors = self._load_weights(keys)
@@ -176,6 +169,17 @@ class Flux2Stage(nn.Module):
                 module.load_state_dict(sub, strict=True, assign=True)
                 change.loaded_bytes += sum(t.numel() * t.element_size() for t in sub.values())
             change.loaded_keys = keys
+
+        for name in sorted(current - set(wanted)):
+            container, key = self._container(name)
+            module = container.pop(key)
+            if self.park_on_cpu:
+                self._parked[name] = module.to("cpu")
+            change.dropped.append(name)
+        for name, module in incoming.items():
+            self._parked.pop(name, None)
+            container, key = self._container(name)
+            container[key] = module
         self.blocks, self.first, self.last = blocks, first, last
         if change.dropped and self.device.type == "cuda":
             torch.cuda.empty_cache()
