@@ -397,3 +397,26 @@ def test_a_move_that_runs_out_of_memory_keeps_the_old_plan(model, tiny_checkpoin
         again = runner(x["img"], x["txt"], torch.tensor([0.5]), x["img_ids"], x["txt_ids"])
         client.close()
     assert torch.equal(before, again)
+
+
+def test_a_chain_of_two_daemons_equals_local(model, tiny_checkpoint):
+    """local [0, 1) -> B [1, 3) -> C [3, 5): the middle daemon returns a hidden state."""
+    from comfy_mesh.splitter.plan import chain_split
+
+    x = inputs(model.config)
+    expected = _local_reference(model, x)
+    with running_daemon(tiny_checkpoint, blocks=0, node_id="node-b") as b, \
+            running_daemon(tiny_checkpoint, blocks=0, node_id="node-c") as c:
+        remotes = {}
+        for server in (b, c):
+            remote = RemoteStage(DaemonClient(server.endpoint, timeout_s=30), codecs.get("raw"))
+            remotes[remote.connect(fingerprint=model.fingerprint).node] = remote
+        plan = chain_split(model.config.n_blocks, [("node-b", 2), ("node-c", 2)], epoch=1)
+        runner = SplitRunner(model.stage(plan.local, first=True, last=False), plan, remotes)
+        got = _sample(runner, x)
+        assert b.host.hosted == BlockRange(1, 3) and not b.host.is_last
+        assert c.host.hosted == BlockRange(3, 5) and c.host.is_last
+        for remote in remotes.values():
+            remote.client.close()
+    assert _rel(got, expected) <= 1e-6
+    assert all([h.node for h in s.hops] == ["node-b", "node-c"] for s in runner.stats)
