@@ -23,8 +23,6 @@ import torch
 from . import codec as codecs
 from .daemon.client import DaemonClient
 from .daemon.remote_stage import RemoteStage
-from .splitter.flux2.config import KNOWN_SIZES
-from .splitter.flux2.random_weights import write_random_checkpoint
 from .splitter.flux2.stage import image_ids, text_ids
 from .splitter.model_file import dtype_from_name, open_model
 from .splitter.plan import BlockRange, tail_split
@@ -57,7 +55,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="gpu codec target relative L2 error per crossing (codec default 0.03 if omitted)")
     p.add_argument("--steps", type=int, default=8, help="sampler steps (default 8)")
     p.add_argument("--checkpoint", default=None,
-                   help="a FLUX.2 .safetensors (or hf:// file) to use instead of the tiny generated one")
+                   help="a FLUX.2 .safetensors, hf://ORG/REPO/file.safetensors or tiny[:SEED] (default: tiny:SEED, "
+                        "the seeded tiny model, written once into ~/.cache/comfy-mesh)")
+    p.add_argument("--peer", default=None, metavar="HOST:PORT",
+                   help="use this running daemon instead of starting one on loopback; it must serve the same model "
+                        "(start it with: comfy-mesh daemon --model tiny --host 0.0.0.0)")
     p.add_argument("--size", type=int, default=32, help="latent grid side in tokens (default 32: 32x32 tokens)")
     p.add_argument("--text-tokens", type=int, default=64, help="text tokens (default 64)")
     p.add_argument("--seed", type=int, default=0)
@@ -104,6 +106,13 @@ def sample(model_fn, inputs: DemoInputs, steps: int) -> tuple[torch.Tensor, list
     return euler_sample(velocity, inputs.noise, flow_sigmas(steps, shift=3.0)), times
 
 
+def peer_endpoint(peer: str) -> str:
+    host, sep, port = peer.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"--peer wants HOST:PORT, got {peer!r}")
+    return f"tcp://{host}:{port}"
+
+
 def start_daemon(checkpoint: str, n_blocks: int, device: str, dtype: str,
                  log_file) -> tuple[subprocess.Popen, str]:
     """A real daemon process on loopback; returns it and its endpoint once it is ready.
@@ -135,10 +144,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     codec = make_codec(args.codec, quality=args.quality, rel_err=args.rel_err)
 
     with tempfile.TemporaryDirectory(prefix="comfy-mesh-demo-") as tmp:
-        checkpoint = args.checkpoint
-        if checkpoint is None:
-            checkpoint = os.path.join(tmp, "tiny-flux2.safetensors")
-            write_random_checkpoint(checkpoint, KNOWN_SIZES["tiny"], seed=args.seed)
+        checkpoint = args.checkpoint or f"tiny:{args.seed}"
         model = open_model(checkpoint)
         config = model.config
         n_remote = (config.n_blocks + 1) // 2 if args.n_blocks_remote is None else args.n_blocks_remote
@@ -152,21 +158,27 @@ def run_demo(args: argparse.Namespace) -> dict:
         if device.startswith("cuda"):
             torch.cuda.empty_cache()  # the daemon process needs the room
 
-        # Split: local front + daemon tail over loopback ZeroMQ.
+        # Split: local front + daemon tail over ZeroMQ (a daemon of our own on loopback,
+        # or the user's with --peer).
         with open(os.path.join(tmp, "daemon.log"), "w+") as daemon_log:
-            proc, endpoint = start_daemon(checkpoint, n_remote, device, dtype_name, daemon_log)
+            if args.peer:
+                proc, endpoint = None, peer_endpoint(args.peer)
+            else:
+                proc, endpoint = start_daemon(str(model.path), n_remote, device, dtype_name, daemon_log)
             try:
-                client = DaemonClient(endpoint, name="demo")
+                client = DaemonClient(endpoint, name="demo", timeout_s=DAEMON_START_TIMEOUT_S)
                 remote = RemoteStage(client, codec, measure_error=True, device=device)
                 info = remote.connect(fingerprint=model.fingerprint)
-                plan = tail_split(config.n_blocks, n_remote, remote=info.node, epoch=info.epoch)
+                # One epoch past the daemon's: installs our split whatever it hosted before.
+                plan = tail_split(config.n_blocks, n_remote, remote=info.node, epoch=info.epoch + 1)
                 front = model.stage(plan.local, first=True, last=plan.is_last("local"), device=device, dtype=dtype)
                 runner = SplitRunner(front, plan, {info.node: remote})
                 split_final, split_times = sample(runner, inputs, args.steps)
                 client.close()
             finally:
-                proc.terminate()
-                proc.wait(30)
+                if proc is not None:
+                    proc.terminate()
+                    proc.wait(30)
         model.close()
 
     hops = [h for s in runner.stats for h in s.hops]
@@ -177,7 +189,8 @@ def run_demo(args: argparse.Namespace) -> dict:
     ref = local_final.float()
     return {
         "model": f"flux2 hidden {config.hidden_size}, {config.depth_double}+{config.depth_single} blocks "
-                 f"({os.path.basename(checkpoint) if args.checkpoint else 'tiny, generated'})",
+                 f"({model.path.name if args.checkpoint else 'tiny, generated'})",
+        "peer": endpoint,
         "device": device, "dtype": dtype_name,
         "tokens": {"image": args.size * args.size, "text": args.text_tokens},
         "steps": args.steps,

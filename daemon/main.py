@@ -27,7 +27,8 @@ def default_device() -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
-                   help="checkpoint: a .safetensors path or hf://ORG/REPO/file.safetensors (local cache honoured)")
+                   help="checkpoint: a .safetensors path, hf://ORG/REPO/file.safetensors (local cache honoured), or "
+                        "tiny[:SEED] (the demo's seeded tiny model)")
     p.add_argument("--blocks", type=int, default=0, metavar="K",
                    help="host the last K blocks and the final layer from the start (default 0: wait for a plan)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 serves the LAN")

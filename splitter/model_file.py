@@ -8,6 +8,7 @@ weights are read later, and only those a stage hosts (`ModelFile.stage`).
 from __future__ import annotations
 
 import logging
+import os
 import pathlib
 from dataclasses import dataclass
 
@@ -15,7 +16,8 @@ import torch
 
 from .checkpoint import ProgressCallback, SafetensorsCheckpoint, resolve_checkpoint, tqdm_progress
 from .errors import ModelFormatError
-from .flux2.config import FLUX2_MARKER_KEYS, Flux2Config
+from .flux2.config import FLUX2_MARKER_KEYS, KNOWN_SIZES, Flux2Config
+from .flux2.random_weights import write_random_checkpoint
 from .flux2.stage import Flux2Stage, WeightLoader
 from .plan import BlockRange
 
@@ -59,8 +61,33 @@ class ModelFile:
         self.checkpoint.close()
 
 
+TINY_SPEC = "tiny"
+
+
+def tiny_checkpoint_path(seed: int = 0, cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
+    """The seeded tiny FLUX.2 checkpoint (2 double + 3 single blocks, hidden 256), written
+    once into the cache. The same seed gives the same file, hence the same fingerprint, on
+    every machine: a demo and a daemon on two PCs agree on it without copying a file."""
+    base = pathlib.Path(cache_dir or os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache")
+    path = base / "comfy-mesh" / f"tiny-flux2-seed{seed}.safetensors"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_random_checkpoint(path, KNOWN_SIZES["tiny"], seed=seed)
+    return path
+
+
+def model_path(spec: str) -> pathlib.Path:
+    """A model spec -> a local file: a path, hf://ORG/REPO/file.safetensors, or tiny[:SEED]."""
+    if spec == TINY_SPEC or spec.startswith(TINY_SPEC + ":"):
+        seed = spec.partition(":")[2] or "0"
+        if not seed.isdigit():
+            raise ModelFormatError(f"tiny model seed must be a number, as in tiny:3; got {spec!r}")
+        return tiny_checkpoint_path(int(seed))
+    return resolve_checkpoint(spec)
+
+
 def open_model(spec: str) -> ModelFile:
-    path = resolve_checkpoint(spec)
+    path = model_path(spec)
     checkpoint = SafetensorsCheckpoint(path, markers=FLUX2_MARKER_KEYS)
     try:
         shapes = {k: checkpoint.shape(k) for k in checkpoint.logical_keys()}

@@ -11,10 +11,19 @@ FIELDS = {"model", "steps", "n_blocks_remote", "codec", "bytes_per_step", "raw_b
           "hop_rel_err", "final_rel_err", "local_step_s", "split_step_s"}
 
 
-def _demo(*args):
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    # The tiny model is written once into the cache; keep the tests' copy out of ~/.cache.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def _cmd():
     exe = shutil.which("comfy-mesh")
-    cmd = [exe] if exe else [sys.executable, "-m", "comfy_mesh.cli"]
-    done = subprocess.run(cmd + ["demo", *args], capture_output=True, text=True, timeout=300)
+    return [exe] if exe else [sys.executable, "-m", "comfy_mesh.cli"]
+
+
+def _demo(*args):
+    done = subprocess.run(_cmd() + ["demo", *args], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
@@ -54,3 +63,36 @@ def test_daemon_with_a_missing_model_says_so():
     bad = subprocess.run(cmd + ["daemon", "--model", "/nonexistent/flux2.safetensors", "--port", "0"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_demo_against_a_running_daemon_with_the_tiny_model():
+    """What a user does across two PCs: `daemon --model tiny` there, `demo --peer` here."""
+    daemon = subprocess.Popen(_cmd() + ["daemon", "--model", "tiny", "--port", "0", "--no-announce"],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        endpoint = json.loads(daemon.stdout.readline())["endpoint"]
+        peer = endpoint.removeprefix("tcp://")
+        result = json.loads(_demo("--json", "--peer", peer, "--steps", "2", "--size", "8", "--n-blocks-remote", "2"))
+        assert result["peer"] == endpoint and result["final_rel_err"] <= 1e-5 and result["n_blocks_remote"] == 2
+    finally:
+        daemon.terminate()
+        daemon.wait(30)
+
+
+def test_the_tiny_model_is_the_same_file_everywhere(tmp_path):
+    from comfy_mesh.splitter.model_file import open_model, tiny_checkpoint_path
+
+    def fingerprint(path):
+        model = open_model(str(path))
+        try:
+            assert model.config.hidden_size == 256 and model.config.n_blocks == 5
+            return model.fingerprint
+        finally:
+            model.close()
+
+    # (The header's metadata order may differ between writes; the weights and so the
+    # fingerprint, which is what a daemon compares, do not.)
+    a, b = tiny_checkpoint_path(0, tmp_path / "a"), tiny_checkpoint_path(0, tmp_path / "b")
+    assert fingerprint(a) == fingerprint(b) != fingerprint(tiny_checkpoint_path(1, tmp_path / "a"))
+    with pytest.raises(ValueError, match="seed must be a number"):
+        open_model("tiny:x")
