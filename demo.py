@@ -108,7 +108,7 @@ def sample(model_fn, inputs: DemoInputs, steps: int) -> tuple[torch.Tensor, list
 
 def peer_endpoint(peer: str) -> str:
     host, sep, port = peer.rpartition(":")
-    if not sep or not host or not port.isdigit():
+    if not sep or not host or not (port.isascii() and port.isdecimal()):
         raise ValueError(f"--peer wants HOST:PORT, got {peer!r}")
     return f"tcp://{host}:{port}"
 

@@ -26,6 +26,13 @@ INTERNAL = "internal"
 MALFORMED = "malformed"
 
 
+def bad_address(exc: BaseException, peer: str) -> MeshError:
+    """A `MeshError` for an address the socket refuses to connect to (`tcp://bad host:5599`)."""
+    detail = str(exc) or type(exc).__name__
+    return MeshError(f"comfy-mesh: cannot connect to peer {peer}: bad address ({detail}). Write HOST:PORT with a host "
+                     "name or IP address and no spaces, e.g. 127.0.0.1:5599 or [::1]:5599, or pick a discovered peer.")
+
+
 def explain(exc: BaseException, peer: str, n_blocks_remote: int | None = None) -> MeshError:
     """A `MeshError` for a failure talking to `peer` (a name and address, for the message)."""
     kind = type(exc).__name__

@@ -12,23 +12,32 @@ Plans move at step boundaries, from either side:
   with STALE_EPOCH and the daemon's plan; the link adopts it and raises `PlanMoved`, so
   the caller recomputes this step's front under the new split and calls again.
 
+While the plan is all local no FORWARD goes out, so no refusal can say that the panel
+gave the daemon blocks again: `poll_plan` asks the daemon's plan (STATUS, short deadline)
+before such a step instead.
+
 A daemon that restarted (older epoch, another node id, no blocks) gets this link's
 plan again. Every failure leaves as a `MeshError` whose message says what to do.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import math
 import os
 import pathlib
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 
 import torch
+import zmq
 
 from .. import codec as codecs
+from ..codec.negotiate import local_capabilities
 from ..daemon.client import DaemonClient, PeerError, PeerRefused
 from ..daemon.protocol import ErrorCode
 from ..daemon.remote_stage import RemoteStage
@@ -36,12 +45,15 @@ from ..splitter.context_hash import ids_hash
 from ..splitter.errors import PlanError
 from ..splitter.plan import Plan, tail_split
 from . import status as st
-from .errors import MeshError, explain
+from .errors import MeshError, bad_address, explain
+from .peers import choose_codec
 
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 10.0  # HELLO: a daemon answers it at once, even while loading blocks
 REQUEST_TIMEOUT_S = 300.0  # FORWARD and RECONFIGURE (a daemon may be loading many GB of blocks)
+PLAN_POLL_TIMEOUT_S = 1.0  # how long an all-local step waits to hear the daemon's plan (s)
+PLAN_POLL_BACKOFF_S = 10.0  # after no answer, all-local steps go on without asking for this long (s)
 
 # The sizes both sides must agree on (Flux2Config field names).
 COMPARED_SIZES = ("hidden_size", "depth_double", "depth_single", "in_channels", "out_channels", "context_dim",
@@ -110,12 +122,22 @@ class _BoundRecorder:
         return getattr(self.inner, name)
 
 
+def quality_rel_err(quality: float) -> float:
+    """The node's `quality` as the gpu codec's `rel_err` target: 1 / (quality * sqrt(12)), the
+    cpu codec's error at that quality (a step of spread / quality; 7 -> 0.041, 64 -> 0.0045)."""
+    return min(0.5, 1.0 / (quality * math.sqrt(12.0)))
+
+
 def make_codec(name: str, quality: float):
-    """Codec `name`, with `quality` when the codec has such a setting."""
+    """Codec `name` tuned by the node's `quality`: as is for codecs with a `quality` setting
+    (cpu, x265, nvenc), as `rel_err` (`quality_rel_err`) for gpu; raw has no setting."""
     base = codecs.get(name)
     settings = getattr(base, "settings", None)
-    if dataclasses.is_dataclass(settings) and any(f.name == "quality" for f in dataclasses.fields(settings)):
+    fields = {f.name for f in dataclasses.fields(settings)} if dataclasses.is_dataclass(settings) else set()
+    if "quality" in fields:
         return codecs.get(name, quality=quality)
+    if "rel_err" in fields:
+        return codecs.get(name, rel_err=quality_rel_err(quality))
     return base
 
 
@@ -142,8 +164,9 @@ class LinkSettings:
     peer: str  # display name of the peer
     endpoint: str  # tcp://host:port
     n_blocks_remote: int  # what the node asks for
-    codec: str = "raw"  # resolved codec name (not "auto")
-    quality: float = 7.0  # codec quality, for codecs that have one
+    codec: str = "raw"  # a codec name, or "auto": settled from both ends' codecs after HELLO
+    quality: float = 7.0  # codec quality (see make_codec)
+    local_cuda: bool = False  # the hidden state is on a CUDA device here (for "auto")
     connect_timeout_s: float = CONNECT_TIMEOUT_S
     timeout_s: float = REQUEST_TIMEOUT_S
     measure_error: bool = False  # decode each carry locally to measure its error (tests, diagnostics)
@@ -162,7 +185,10 @@ class PeerLink:
         self._client: DaemonClient | None = None
         self._remote: RemoteStage | None = None
         self._codec: _BoundRecorder | None = None
+        self.codec_reason = ""  # why this codec (auto's negotiation, or the node's choice)
         self._lock = threading.Lock()  # one model evaluation at a time per link
+        self._poll_after = 0.0  # monotonic time before which all-local steps do not ask the plan
+        self._poll_failed = False  # the last plan poll got no answer (logged once)
         self.board.open(settings.key, settings.peer, settings.endpoint)
 
     # ---------------------------------------------------------------- plan
@@ -189,21 +215,38 @@ class PeerLink:
                             f"single blocks), got {s.n_blocks_remote}")
         self._update(state=st.CONNECTING, message="", codec=s.codec, n_blocks=self.n_blocks)
         try:
-            self._codec = _BoundRecorder(make_codec(s.codec, s.quality))
-            self._client = DaemonClient(s.endpoint, timeout_s=s.timeout_s, name="comfy-mesh-comfyui")
-            # The reply (the model output, 1/20 of the carry or less) comes back raw: exact, so
-            # the only lossy step of a split is the carry, whose bound each message states.
-            self._remote = RemoteStage(self._client, self._codec, reply_codec="raw", measure_error=s.measure_error)
-            self._hello()
-            self.install(s.n_blocks_remote)
+            with self._reporting(s.n_blocks_remote):
+                try:  # no I/O yet (ZeroMQ connects in the background): a failure here is the address
+                    self._client = DaemonClient(s.endpoint, timeout_s=s.timeout_s, name="comfy-mesh-comfyui")
+                except (PeerError, zmq.ZMQError) as exc:
+                    raise bad_address(exc, self._who()) from None
+                info = self._hello()
+                name, self.codec_reason = choose_codec(s.codec, s.endpoint, info, local_cuda=s.local_cuda)
+                log.info("comfy-mesh: codec %s for %s (%s)", name, self._who(), self.codec_reason)
+                self._codec = _BoundRecorder(make_codec(name, s.quality))
+                # The reply (the model output, 1/20 of the carry or less) comes back raw: exact, so
+                # the only lossy step of a split is the carry, whose bound each message states.
+                self._remote = RemoteStage(self._client, self._codec, reply_codec="raw", measure_error=s.measure_error)
+                self._remote.info = info
+                self._update(codec=name)
+                self.install(s.n_blocks_remote)
+        except BaseException:
+            self._drop_client()  # no socket left behind per failed prompt; the board keeps the error
+            raise
+        return self
+
+    @contextlib.contextmanager
+    def _reporting(self, n_blocks_remote: int):
+        """Every failure inside leaves as a MeshError that says what to do, shown on the board."""
+        try:
+            yield
         except MeshError as exc:
             self._fail(exc)
             raise
-        except (PeerError, PlanError, ValueError) as exc:
-            err = explain(exc, self._who(), s.n_blocks_remote)
+        except (PeerError, PlanError, ValueError, zmq.ZMQError) as exc:
+            err = explain(exc, self._who(), n_blocks_remote)
             self._fail(err)
             raise err from None
-        return self
 
     def _who(self) -> str:
         name = getattr(self.info, "name", None)
@@ -211,9 +254,11 @@ class PeerLink:
         return f"{name} ({where})" if name else where
 
     def _hello(self):
-        info = self._remote.client.hello(codecs=codecs.available(), timeout_s=self.settings.connect_timeout_s)
+        _, decoders = local_capabilities()
+        info = self._client.hello(codecs=decoders, timeout_s=self.settings.connect_timeout_s)
         self.info = info
-        self._remote.info = info
+        if self._remote is not None:
+            self._remote.info = info
         self._check_model(info)
         self._update(node=info.node, peer_name=info.name, device=info.device, model=info.model,
                      warnings=list(self.warnings))
@@ -297,21 +342,39 @@ class PeerLink:
         if self._remote is None:
             raise MeshError("comfy-mesh: this split's connection was closed; queue the prompt again")
         self._remote.session = uuid.uuid4().hex[:16]  # context stays cached by content hash across runs
-        try:
+        self._poll_after = 0.0  # a new run asks a silent daemon again
+        with self._reporting(self.n_blocks_remote):
             old = self.info
             info = self._hello()
             if info.node != old.node or info.epoch < self.plan.epoch:
                 self.install(self.plan.n_blocks_remote)  # restarted: it lost our plan
             elif info.epoch > self.plan.epoch:
                 self._sync_from_hello(info)
-        except MeshError as exc:
-            self._fail(exc)
-            raise
-        except PeerError as exc:
-            err = explain(exc, self._who(), self.n_blocks_remote)
-            self._fail(err)
-            raise err from None
         self._update(state=st.RUNNING, message="")
+
+    def poll_plan(self) -> bool:
+        """Before an all-local step: ask the daemon's plan (STATUS, short deadline) and adopt a
+        newer one, since no FORWARD goes out to be refused. True when the split moved (run the
+        step under the new one). A daemon that does not answer is skipped (logged once) and
+        not asked again for PLAN_POLL_BACKOFF_S; the step goes on all local."""
+        if self._remote is None or time.monotonic() < self._poll_after:
+            return False
+        with self._lock:
+            before = self.plan
+            try:
+                plan = self._remote.current_plan(timeout_s=PLAN_POLL_TIMEOUT_S)
+            except (PeerError, zmq.ZMQError) as exc:
+                if not self._poll_failed:
+                    log.warning("comfy-mesh: cannot ask %s for its plan (%s); going on all local", self._who(), exc)
+                    self._poll_failed = True
+                self._poll_after = time.monotonic() + PLAN_POLL_BACKOFF_S
+                return False
+            self._poll_failed = False
+            if plan is None or int(plan.get("epoch", -1)) <= before.epoch:
+                return False
+            with self._reporting(before.n_blocks_remote):
+                self._adopt(plan)
+            return self.plan != before
 
     def _sync_from_hello(self, info) -> None:
         hosted = info.hosted
@@ -342,11 +405,14 @@ class PeerLink:
                 out, kind, hop = self._remote.forward(hidden, epoch=plan.epoch, step=self.steps, timestep=timestep,
                                                       guidance=guidance, txt_ids=txt_ids, img_ids=img_ids, ids_hash=key)
             except PeerRefused as exc:
+                # Recovery talks to the daemon again: its failures get advice and the board too.
                 if exc.code == ErrorCode.STALE_EPOCH and exc.plan:
-                    self._adopt(exc.plan)
+                    with self._reporting(plan.n_blocks_remote):
+                        self._adopt(exc.plan)
                     raise PlanMoved() from None
                 if exc.code == ErrorCode.NOT_HOSTING:
-                    self.install(plan.n_blocks_remote)
+                    with self._reporting(plan.n_blocks_remote):
+                        self.install(plan.n_blocks_remote)
                     raise PlanMoved() from None
                 err = explain(exc, self._who(), plan.n_blocks_remote)
                 self._fail(err)
@@ -381,10 +447,13 @@ class PeerLink:
     def _fail(self, exc: BaseException) -> None:
         self._update(state=st.ERROR, message=str(exc))
 
-    def close(self) -> None:
+    def _drop_client(self) -> None:
         if self._client is not None:
             self._client.close()
         self._client = self._remote = None
+
+    def close(self) -> None:
+        self._drop_client()
         self.board.close(self.settings.key)
 
 

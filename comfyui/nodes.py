@@ -4,6 +4,8 @@
 
 Import-light on purpose: ComfyUI imports this at start-up, and it pulls in neither torch
 nor zmq nor ComfyUI modules; the work (split_model.py) is imported when the node runs.
+INPUT_TYPES and VALIDATE_INPUTS run inside ComfyUI's async web handlers: they never wait
+(peer discovery and the codec probe run in background threads; see peers.py).
 """
 
 from __future__ import annotations
@@ -43,11 +45,13 @@ class SplitFlux2ToPeer:
                                "Klein 9B 32; Klein 4B 25). 0 runs everything here. Their weights leave this GPU."}),
                 "codec": (codec_choices(), {
                     "default": "auto",
-                    "tooltip": "how the hidden state crosses: auto = raw on this machine, compressed over a network"}),
+                    "tooltip": "how the hidden state crosses: auto = raw on this machine, over a network the best "
+                               "codec this side encodes and the peer decodes (nvenc, gpu, cpu)"}),
                 "quality": ("FLOAT", {
                     "default": 7.0, "min": 0.5, "max": 64.0, "step": 0.5,
                     "tooltip": "lossy codecs: quantisation levels per robust standard deviation (higher: closer, "
-                               "more bytes)"}),
+                               "more bytes); the gpu codec targets relative error 1 / (quality * sqrt 12), "
+                               "0.041 at 7"}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }

@@ -2,19 +2,21 @@
 
 The dropdown lists the daemons that discovery (`comfy_mesh.discovery`, mDNS) sees, as
 `name (host:port)`, after a first entry that means "use the address typed below".
-Discovery starts on first use, never at ComfyUI start-up, and its absence or failure
-only leaves the manual address. Environment knobs, read when discovery starts:
+Discovery starts on first use, never at ComfyUI start-up, in a background thread: the
+dropdown (built inside ComfyUI's web server) lists what has been found so far and never
+waits. Its absence or failure only leaves the manual address. Environment knobs, read when
+discovery starts:
 
 - `COMFY_MESH_DISCOVERY=0`: no mDNS browsing (manual addresses only);
 - `COMFY_MESH_INTERFACES=192.168.1.10,127.0.0.1`: browse on these interfaces only;
 - `COMFY_MESH_PEERS=10.8.0.2:5599,...`: static peers (polled over the protocol) as well.
 
-Import-light: no torch, no zmq, no zeroconf until discovery starts.
+Import-light: no torch, no zmq, no zeroconf until discovery starts (and the codec list,
+which imports torch, is probed in the background too).
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import re
@@ -28,7 +30,7 @@ log = logging.getLogger(__name__)
 MANUAL = "manual address"  # the dropdown entry that means "use the address field"
 DEFAULT_PORT = 5599  # the daemon's default --port
 DEFAULT_ADDRESS = f"127.0.0.1:{DEFAULT_PORT}"
-FIRST_BROWSE_WAIT_S = 1.5  # how long the first dropdown fill waits for mDNS answers (s)
+FIRST_BROWSE_WAIT_S = 1.5  # how long the status route (never the dropdown) waits for first mDNS answers (s)
 
 _LABEL_RE = re.compile(r"\(([^()\s]+)\)\s*$")
 
@@ -66,15 +68,6 @@ def endpoint_of(host: str, port: int) -> str:
     return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
 
 
-def is_loopback(host: str) -> bool:
-    if host in ("localhost", "localhost.localdomain"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def label(record) -> str:
     """The dropdown entry of a discovered peer: `name (host:port)`."""
     host = getattr(record, "address", None) or "127.0.0.1"
@@ -99,65 +92,103 @@ def resolve_peer(peer: str, address: str) -> tuple[str, str, str]:
 
 
 class _Discovery:
-    """The one peer source of this ComfyUI process, started on first use."""
+    """The one peer source of this ComfyUI process, started on first use in a background thread.
+
+    `peers()` never blocks on the network unless asked to wait: ComfyUI builds the node's
+    inputs (`INPUT_TYPES`) inside its async `/object_info` handler, where a sleep would
+    stall the whole web server. The first call starts discovery and returns what is known
+    (nothing yet); later calls list what has been found since.
+    """
 
     def __init__(self):
         self._lock = threading.Lock()
         self._source = None
         self._started = False
+        self._ready = threading.Event()  # set once the source is up (or failed to start)
+        self._generation = 0  # bumped by set_source/stop, so a late start cannot resurrect a stopped source
         self.error: str | None = None
 
     def set_source(self, source) -> None:
         """Use `source` (anything with start/stop/peers); tests pass a fake, None resets."""
         with self._lock:
+            self._generation += 1
             if self._source is not None and self._started:
                 _safe_stop(self._source)
             self._source, self._started, self.error = source, source is not None, None
+            self._ready = threading.Event()
             if source is not None:
                 source.start()
+                self._ready.set()
 
-    def peers(self) -> list:
+    def peers(self, wait_s: float = 0.0) -> list:
+        """The daemons found so far. `wait_s` > 0 (off the event loop only): while discovery
+        is still starting, wait up to that long for it and for its first answers."""
         with self._lock:
             if not self._started:
                 self._started = True
-                self._source = self._start()
-                if self._source is not None:
-                    deadline = time.monotonic() + FIRST_BROWSE_WAIT_S
-                    while not self._source.peers() and time.monotonic() < deadline:
-                        time.sleep(0.05)
-            source = self._source
-        if source is None:
-            return []
-        try:
-            return list(source.peers())
-        except Exception as exc:  # discovery must never break the node
-            log.warning("comfy-mesh: peer discovery failed: %s", exc)
-            return []
+                self._ready = threading.Event()
+                if not self._configure():
+                    self._ready.set()
+                else:
+                    threading.Thread(target=self._start, args=(self._generation, self._ready), daemon=True,
+                                     name="comfy-mesh discovery start").start()
+            source, ready = self._source, self._ready
+        if wait_s > 0 and source is None:
+            deadline = time.monotonic() + wait_s
+            ready.wait(wait_s)
+            with self._lock:
+                source = self._source
+            while source is not None and not _listed(source) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return _listed(source)
 
-    def _start(self):
+    def _configure(self) -> bool:
+        """Cheap checks, done at once: False when discovery is off."""
         if os.environ.get("COMFY_MESH_DISCOVERY", "1").strip().lower() in ("0", "off", "no", "false"):
             self.error = "discovery is off (COMFY_MESH_DISCOVERY=0)"
-            return None
+            return False
+        return True
+
+    def _start(self, generation: int, ready: threading.Event) -> None:
+        """In the background thread: import discovery (zeroconf), start browsing."""
         interfaces = [s.strip() for s in os.environ.get("COMFY_MESH_INTERFACES", "").split(",") if s.strip()] or None
         static = [s.strip() for s in os.environ.get("COMFY_MESH_PEERS", "").split(",") if s.strip()] or None
+        source, error = None, None
         try:
             from ..discovery import peer_source
         except ImportError as exc:
-            self.error = f"discovery is not available in this install ({exc}); use manual addresses"
-            log.info("comfy-mesh: %s", self.error)
-            return None
-        try:
-            return peer_source(interfaces=interfaces, static=static).start()
-        except Exception as exc:
-            self.error = f"discovery could not start: {exc}; use manual addresses"
-            log.warning("comfy-mesh: %s", self.error)
-            return None
+            error = f"discovery is not available in this install ({exc}); use manual addresses"
+            log.info("comfy-mesh: %s", error)
+        else:
+            try:
+                source = peer_source(interfaces=interfaces, static=static).start()
+            except Exception as exc:
+                error = f"discovery could not start: {exc}; use manual addresses"
+                log.warning("comfy-mesh: %s", error)
+        with self._lock:
+            current = generation == self._generation
+            if current:
+                self._source, self.error = source, error
+        if not current and source is not None:  # stopped or replaced meanwhile
+            _safe_stop(source)
+        ready.set()
 
     def stop(self) -> None:
         with self._lock:
+            self._generation += 1
             if self._source is not None:
                 _safe_stop(self._source)
             self._source, self._started = None, False
+
+
+def _listed(source) -> list:
+    if source is None:
+        return []
+    try:
+        return list(source.peers())
+    except Exception as exc:  # discovery must never break the node
+        log.warning("comfy-mesh: peer discovery failed: %s", exc)
+        return []
 
 
 def _safe_stop(source) -> None:
@@ -175,10 +206,10 @@ def peer_choices() -> list[str]:
     return [MANUAL] + sorted({label(r) for r in DISCOVERY.peers()})
 
 
-def peers_json() -> list[dict]:
-    """Discovered peers for `/comfy-mesh/status`."""
+def peers_json(wait_s: float = 0.0) -> list[dict]:
+    """Discovered peers for `/comfy-mesh/status` (`wait_s`: see `_Discovery.peers`)."""
     out = []
-    for record in DISCOVERY.peers():
+    for record in DISCOVERY.peers(wait_s):
         to_json = getattr(record, "to_json", None)
         entry = dict(to_json()) if callable(to_json) else {"name": record.name, "port": record.port}
         entry["label"] = label(record)
@@ -189,28 +220,77 @@ def peers_json() -> list[dict]:
 # ------------------------------------------------------------------ codecs
 
 AUTO = "auto"
+# The registered codecs (codec/registry.py), listed before the probe has said which are
+# usable here; the node refuses an unusable one by name when it runs.
+KNOWN_CODECS = ("cpu", "gpu", "nvenc", "raw", "x265")
+
+
+class _CodecProbe:
+    """`codec.available()` (imports torch; probing NVENC opens a session, ~0.5 s), run once
+    in a background thread so that building the node's inputs never waits for it."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.names: list[str] | None = None
+
+    def available(self, wait_s: float = 0.0) -> list[str] | None:
+        """The usable codecs, or None while the probe runs (`wait_s`: how long to wait for it)."""
+        with self._lock:
+            if self.names is None and self._thread is None:
+                self._thread = threading.Thread(target=self._probe, daemon=True, name="comfy-mesh codec probe")
+                self._thread.start()
+            thread = self._thread
+        if self.names is None and wait_s > 0 and thread is not None:
+            thread.join(wait_s)
+        return self.names
+
+    def _probe(self) -> None:
+        try:
+            from .. import codec as codecs
+
+            self.names = list(codecs.available())
+        except Exception as exc:  # a broken optional codec must not break the node's list
+            log.warning("comfy-mesh: probing codecs failed (%s); listing every registered codec", exc)
+            self.names = list(KNOWN_CODECS)
+
+
+CODECS = _CodecProbe()
 
 
 def codec_choices() -> list[str]:
-    """`auto` and every codec this install has (imports the codec registry, hence torch)."""
-    from .. import codec as codecs
+    """`auto` and the codecs this install has; every registered codec while the probe runs."""
+    names = CODECS.available()
+    return [AUTO] + (names if names is not None else list(KNOWN_CODECS))
 
-    return [AUTO] + [c for c in codecs.available()]
 
-
-def choose_codec(requested: str, host: str, cuda: bool) -> str:
-    """`auto`: raw on loopback (nothing to gain from compressing), else the best lossy codec here."""
+def check_codec(requested: str) -> str:
+    """`requested` if it is `auto` or a codec this install can encode, else a MeshError."""
     from .. import codec as codecs
 
     available = codecs.available()
+    if requested != AUTO and requested not in available:
+        raise MeshError(f"comfy-mesh: codec {requested!r} is not available in this install; choose one of "
+                        f"{', '.join([AUTO] + available)}")
+    return requested
+
+
+def choose_codec(requested: str, endpoint: str, info, *, local_cuda: bool) -> tuple[str, str]:
+    """(codec for the carry, why), once the peer's HELLO (`info`) is known.
+
+    `auto` is `comfy_mesh.codec.negotiate.choose` from both ends' capabilities: raw on
+    loopback, else the best codec this end encodes and the peer decodes (nvenc, gpu with
+    CUDA here, cpu). Only the carry's choice is used: the node always takes the reply raw.
+    """
     if requested != AUTO:
-        if requested not in available:
-            raise MeshError(f"comfy-mesh: codec {requested!r} is not available in this install; choose one of "
-                            f"{', '.join([AUTO] + available)}")
-        return requested
-    if is_loopback(host):
-        return "raw"
-    for name in (["nvenc", "gpu"] if cuda else []) + ["cpu"]:
-        if name in available:
-            return name
-    return "raw"
+        return check_codec(requested), "chosen on the node"
+    from ..codec.negotiate import choose, local_capabilities
+
+    encoders, decoders = local_capabilities()
+    peer_encoders = info.encoders if info.encoders is not None else info.codecs
+    peer_decoders = info.decoders if info.decoders is not None else info.codecs
+    choice = choose(endpoint, local_encoders=encoders, local_decoders=decoders, local_cuda=local_cuda,
+                    peer_encoders=peer_encoders, peer_decoders=peer_decoders,
+                    peer_cuda=str(info.device or "").startswith("cuda"))
+    why = choice.reason.split("; reply ")[0]  # the reply's half does not apply: it comes back raw
+    return choice.carry, why

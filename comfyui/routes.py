@@ -27,7 +27,7 @@ def status_json() -> dict:
     from .. import __version__
 
     try:
-        found = peers.peers_json()
+        found = peers.peers_json(wait_s=peers.FIRST_BROWSE_WAIT_S)  # off the event loop (below)
     except Exception as exc:  # discovery trouble must not break the status page
         log.warning("comfy-mesh: listing peers failed: %s", exc)
         found = []

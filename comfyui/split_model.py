@@ -163,6 +163,8 @@ class SplitController:
         for _ in range(MAX_PLAN_RETRIES):
             split = self.link.split
             if split >= self.n_blocks:  # all local under the current plan
+                if self.link.poll_plan():  # no FORWARD to be refused: ask whether the panel moved it back up
+                    continue
                 return executor(x, timestep, context, y, guidance, ref_latents, control, transformer_options, **kwargs)
             self._check_supported(model, split, guidance, ref_latents, control, transformer_options, kwargs)
             t0 = time.perf_counter()
@@ -355,16 +357,17 @@ def make_split(model_patcher, *, peer: str, address: str, n_blocks_remote: int, 
     Returns the split ModelPatcher. Raises MeshError with what to do.
     """
     from .link import LinkSettings, identity_of
-    from .peers import choose_codec, resolve_peer
+    from .peers import check_codec, resolve_peer
 
     params = flux2_params(model_patcher)
-    display, host, endpoint = resolve_peer(peer, address)
+    display, _, endpoint = resolve_peer(peer, address)
     load_device = getattr(model_patcher, "load_device", None)
-    codec_name = choose_codec(codec, host, cuda=getattr(load_device, "type", "cpu") == "cuda")
+    check_codec(codec)  # "auto" is settled with the peer's codecs after HELLO (link.connect)
     path = checkpoint_path(model_patcher)
     identity = identity_of(params, path)
     settings = LinkSettings(key=key, peer=display, endpoint=endpoint, n_blocks_remote=int(n_blocks_remote),
-                            codec=codec_name, quality=float(quality), measure_error=measure_error)
+                            codec=codec, quality=float(quality), measure_error=measure_error,
+                            local_cuda=getattr(load_device, "type", "cpu") == "cuda")
     if connect_timeout_s is not None:
         settings.connect_timeout_s = connect_timeout_s
     with _LINKS_LOCK:

@@ -12,11 +12,13 @@ elsewhere could connect to it; one on 0.0.0.0 announces on every interface.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
 import time
 
 from .. import __version__
+from ..discovery.address import WILDCARDS, resolve_ipv4
 from ..discovery.mdns import Announcer, local_ipv4_addresses
 from ..discovery.record import PeerRecord, record_from_daemon
 from .protocol import HelloRequest
@@ -28,16 +30,25 @@ _URGENT = ("blocks", "epoch", "state", "n_blocks", "port", "name")
 
 
 def announce_plan(bind_host: str, interfaces: list[str] | None) -> tuple[list[str] | None, list[str]]:
-    """(interfaces to multicast on (None: all), addresses to announce) for a daemon bound to `bind_host`."""
-    wildcard = bind_host in ("0.0.0.0", "*", "")
+    """(interfaces to multicast on (None: all), addresses to announce) for a daemon bound to `bind_host`
+    (an IPv4 address, a wildcard, 'localhost', an interface name or a host name; DiscoveryError if none)."""
+    bind_host = resolve_ipv4(bind_host)
+    wildcard = bind_host in WILDCARDS
     if interfaces:
         addresses = list(interfaces) if wildcard else [bind_host]
         return list(interfaces), addresses
-    if bind_host.startswith("127.") or bind_host == "localhost":
+    if _loopback(bind_host):
         return ["127.0.0.1"], ["127.0.0.1"]
     if wildcard:
         return None, local_ipv4_addresses()
     return [bind_host], [bind_host]
+
+
+def _loopback(address: str) -> bool:
+    try:
+        return ipaddress.IPv4Address(address).is_loopback
+    except ValueError:
+        return False
 
 
 class DaemonAnnouncer:
@@ -46,8 +57,7 @@ class DaemonAnnouncer:
         `refresh_s`: the most often memory figures are republished; `check_s`: how often the plan is checked."""
         self.server = server
         self.interfaces, self.addresses = announce_plan(server.settings.bind_host, interfaces)
-        if any(a.startswith("127.") for a in self.addresses) and any(
-                not i.startswith("127.") for i in self.interfaces or []):
+        if any(_loopback(a) for a in self.addresses) and any(not _loopback(i) for i in self.interfaces or []):
             log.warning("announcing %s on %s, but the daemon listens on loopback only: other machines cannot "
                         "connect; start it with --host 0.0.0.0 (or the interface's address)",
                         self.addresses, self.interfaces)

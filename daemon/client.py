@@ -49,7 +49,11 @@ class DaemonClient:
         self._ids = itertools.count(1)
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.connect(endpoint)
+        try:
+            self._sock.connect(endpoint)
+        except zmq.ZMQError as exc:
+            self._sock.close(0)
+            raise PeerError(f"cannot connect to {endpoint!r}: {exc}; give the daemon as HOST:PORT") from None
         self.bytes_sent = 0
         self.bytes_received = 0
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import logging
 import signal
@@ -14,6 +13,7 @@ import uuid
 
 import torch
 
+from ..discovery.address import ipv4_address
 from ..splitter.model_file import dtype_from_name, open_model
 from .host import HostSettings, ModelHost
 from .server import DaemonServer, ServerSettings
@@ -40,19 +40,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-message-mb", type=float, default=1024.0, help="refuse requests larger than this (MB)")
     p.add_argument("--no-announce", action="store_true",
                    help="do not announce this daemon over mDNS (peers can still name it as HOST:PORT)")
-    p.add_argument("--announce-interface", action="append", type=_ipv4, default=None, metavar="IP",
+    p.add_argument("--announce-interface", action="append", type=ipv4_address, default=None, metavar="IP",
                    help="announce on the interface with this IPv4 address (repeatable; default: where --host "
                         "listens: loopback for 127.0.0.1, every interface for 0.0.0.0)")
     p.add_argument("--announce-refresh", type=float, default=5.0, metavar="S",
                    help="republish memory figures at most every S seconds (plan changes go out at once); default 5")
-
-
-def _ipv4(value: str) -> str:
-    try:
-        return str(ipaddress.IPv4Address(value))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not an IPv4 address (the interface's own address, "
-                                         "e.g. 192.168.1.20)") from None
 
 
 def build(args: argparse.Namespace) -> DaemonServer:
@@ -93,8 +85,14 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _interrupt)
-        server.serve_forever()  # stops the server when interrupted
+        idle = threading.Event()
+        while not idle.wait(0.5):  # until Ctrl-C or SIGTERM; short waits keep signals prompt
+            pass
+    except KeyboardInterrupt:
+        log.info("interrupted; shutting down")
     finally:
+        # Withdraw the announcement first: browsers drop the daemon before its sockets close.
         if announcer is not None:
             announcer.stop()
+        server.stop()
     return 0

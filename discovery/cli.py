@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import sys
 import time
 
 from . import peer_source
+from .address import ipv4_address
 from .record import PeerRecord
 
 
@@ -19,14 +19,6 @@ def add_discovery_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peer", action="append", default=None, metavar="HOST:PORT",
                    help="a daemon to ask directly, where multicast does not reach (a VPN); repeatable")
     p.add_argument("--no-mdns", action="store_true", help="turn mDNS discovery off (static --peer entries only)")
-
-
-def ipv4_address(value: str) -> str:
-    try:
-        return str(ipaddress.IPv4Address(value))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not an IPv4 address (the interface's own address, "
-                                         "e.g. 192.168.1.20)") from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,14 +47,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _gb(n: int) -> str:
+def gib(n: int) -> str:
+    """Bytes as GiB with one decimal, without the unit."""
     return f"{n / 2**30:.1f}"
 
 
 def memory_text(p: PeerRecord) -> str:
-    """'3.2/24.0 GiB VRAM' or '0.4/31.2 GiB process' (a CPU node: its RSS and the machine's RAM)."""
+    """'3.2/24.0 GiB VRAM' or '0.4/31.2 GiB process' (a CPU node: its RSS and the machine's RAM);
+    the peers table and the panel's Memory column both show this."""
     label = "VRAM" if p.memory_kind == "cuda" else "process"
-    return f"{_gb(p.vram_used)}/{_gb(p.vram_total)} GiB {label}"
+    return f"{gib(p.vram_used)}/{gib(p.vram_total)} GiB {label}"
 
 
 def blocks_text(p: PeerRecord) -> str:

@@ -36,7 +36,7 @@ def make_zeroconf(interfaces: list[str] | None) -> Zeroconf:
     try:
         return Zeroconf(interfaces=list(interfaces) if interfaces else InterfaceChoice.All,
                         ip_version=IPVersion.V4Only)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: not an IPv4 address (an interface name, 'localhost')
         raise DiscoveryError(f"cannot open mDNS on {interfaces or 'all interfaces'}: {exc}; check the address "
                              "(--interface / --announce-interface) or turn discovery off") from None
 
@@ -182,7 +182,7 @@ class MdnsBrowser(PeerSource):
                 raise DiscoveryError("announces no IPv4 address")
             record = PeerRecord.from_txt(info.properties or {}, address=self._best_address(addresses),
                                          port=info.port, source="mdns")
-        except DiscoveryError as exc:
+        except ValueError as exc:  # DiscoveryError, or a value the checks missed: skip it and forget the old record
             with self._lock:
                 new_reason = self._skipped.get(name) != str(exc)
                 self._skipped[name] = str(exc)

@@ -28,7 +28,7 @@ RECORD_MINOR = 0  # bumped for added optional keys; readers of any minor ignore 
 MEMORY_KINDS = ("cuda", "process")  # VRAM of a GPU, or a CPU-only node's process memory (RSS) and RAM
 
 _TXT_VALUE_MAX = 200  # bytes; a TXT string holds 255 including "key="
-_NODE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+_NODE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")  # fullmatch: no trailing newline slips through
 
 
 class DiscoveryError(ValueError):
@@ -109,7 +109,7 @@ class PeerRecord:
             raise DiscoveryError(f"peer record version {major}.{minor} is newer than this build reads "
                                  f"({RECORD_MAJOR}.x); upgrade comfy-mesh on this machine to see that peer")
         node = _required(txt, "id")
-        if not _NODE_RE.match(node):
+        if not _NODE_RE.fullmatch(node):
             raise DiscoveryError(f"node id {node!r} is not a valid node id")
         n_blocks = _int(txt, "nb")
         blocks = _range(txt.get("blocks", ""), n_blocks)
@@ -198,7 +198,7 @@ def _decode_txt(properties) -> dict[str, str]:
 def _version(value) -> tuple[int, int]:
     if not value:
         raise DiscoveryError("record has no version ('v')")
-    m = re.fullmatch(r"(\d{1,4})\.(\d{1,4})", value)
+    m = re.fullmatch(r"([0-9]{1,4})\.([0-9]{1,4})", value)
     if m is None:
         raise DiscoveryError(f"record version {value!r} is not MAJOR.MINOR")
     major, minor = int(m.group(1)), int(m.group(2))
@@ -220,15 +220,20 @@ def _int(txt: dict, key: str, default: int | None = None) -> int:
         if default is None:
             raise DiscoveryError(f"record lacks {key!r}")
         return default
-    if not value.isdigit() or len(value) > 20:
+    if not is_decimal(value) or len(value) > 20:
         raise DiscoveryError(f"{key}={value!r} is not a non-negative integer")
     return int(value)
+
+
+def is_decimal(text: str) -> bool:
+    """ASCII digits only ('²' and other Unicode digits are not, though str.isdigit() says they are)."""
+    return text.isascii() and text.isdecimal()
 
 
 def _range(value: str, n_blocks: int) -> tuple[int, int] | None:
     if not value:
         return None
-    m = re.fullmatch(r"(\d{1,6})-(\d{1,6})", value)
+    m = re.fullmatch(r"([0-9]{1,6})-([0-9]{1,6})", value)
     if m is None:
         raise DiscoveryError(f"blocks={value!r} is not START-END")
     start, end = int(m.group(1)), int(m.group(2))

@@ -12,21 +12,23 @@ import logging
 import threading
 import time
 
+from .address import is_host_name
 from .base import PeerSource
-from .record import DiscoveryError, record_from_daemon
+from .record import DiscoveryError, is_decimal, record_from_daemon
 
 log = logging.getLogger(__name__)
 
 
 def parse_address(spec: str) -> tuple[str, int]:
-    """'host:port' or '[v6]:port' -> (host, port); DiscoveryError says what is wrong."""
+    """'host:port' or '[v6]:port' -> (host, port); host an IPv4 address, a host name or (bracketed) an
+    IPv6 address. DiscoveryError says what is wrong."""
     text = spec.strip()
     bracketed = text.startswith("[")
     if bracketed:
         host, sep, port = text[1:].partition("]:")
     else:
         host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not is_decimal(port) or not 0 < int(port) < 65536:
         raise DiscoveryError(f"static peer {spec!r} is not HOST:PORT (for example 10.8.0.2:5599)")
     if ":" in host or bracketed:
         try:
@@ -35,7 +37,17 @@ def parse_address(spec: str) -> tuple[str, int]:
             ipaddress.IPv6Address(host)
         except ValueError:
             raise DiscoveryError(f"static peer {spec!r}: write an IPv6 address as [ADDRESS]:PORT") from None
+    elif not _ipv4(host) and not is_host_name(host):
+        raise DiscoveryError(f"static peer {spec!r}: {host!r} is neither an IPv4 address nor a host name")
     return host, int(port)
+
+
+def _ipv4(text: str) -> bool:
+    try:
+        ipaddress.IPv4Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 class StaticPeers(PeerSource):
@@ -80,12 +92,18 @@ class StaticPeers(PeerSource):
             self._stop.wait(max(0.0, self.interval_s - (time.monotonic() - started)))
 
     def _poll(self, host: str, port: int) -> None:
+        import zmq
+
         from ..daemon.client import DaemonClient, PeerError
 
         key = (host, port)
         endpoint = f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
         try:
-            with DaemonClient(endpoint, timeout_s=self.timeout_s, name="comfy-mesh-discovery") as client:
+            try:
+                client = DaemonClient(endpoint, timeout_s=self.timeout_s, name="comfy-mesh-discovery")
+            except zmq.ZMQError as exc:  # ZeroMQ refused the endpoint itself
+                raise PeerError(f"cannot connect to {endpoint}: {exc}; check the address") from None
+            with client:
                 hello = client.hello()
                 status = client.status()
             record = record_from_daemon(hello, status, port=port, address=host, source="static",

@@ -73,4 +73,6 @@ def run(args: argparse.Namespace) -> int:
                 log.error("could not write %s", args.screenshot)
             window.close()
         QTimer.singleShot(int(args.screenshot_delay * 1000), shoot)
-    return app.exec()
+    code = app.exec()
+    window.wait_stopped(10)  # the window is gone; let discovery close its sockets before exiting
+    return code

@@ -21,13 +21,13 @@ from typing import Callable
 from PySide6.QtCore import QObject, QTimer, Signal
 
 from ..daemon.client import DaemonClient, PeerError, PeerRefused
+from ..daemon.protocol import ErrorCode
 from ..discovery.record import PeerRecord
 from ..splitter.errors import PlanError
 from ..splitter.plan import tail_split
 
 log = logging.getLogger(__name__)
 
-STALE_EPOCH = "stale_epoch"
 HELLO_TIMEOUT_S = 5.0
 STATUS_TIMEOUT_S = 2.0
 RECONFIGURE_TIMEOUT_S = 600.0  # loading many large blocks from a slow disk takes minutes
@@ -64,6 +64,7 @@ class PeerController(QObject):
         self._move_in_flight = False
         self._pending_move: int | None = None
         self._reachable = True
+        self._last_error: str | None = None  # the last poll error shown, not repeated every poll
         self._results = _Results()  # parentless: lives as long as a worker thread holds it
         self._results.done.connect(self._deliver)
         self._timer = QTimer(self)
@@ -83,6 +84,7 @@ class PeerController(QObject):
         self._status_in_flight = self._move_in_flight = False
         self._pending_move = None
         self._reachable = True
+        self._last_error = None
         self._timer.stop()
         if peer is None:
             return
@@ -132,6 +134,7 @@ class PeerController(QObject):
                 self.info = None
             return
         self.info = reply
+        self._last_error = None
         self._set_reachable(True)
         self.hello.emit(reply)
 
@@ -141,6 +144,7 @@ class PeerController(QObject):
             self._failed(exc, "lost contact with")
             return
         self.last_status = reply
+        self._last_error = None
         self._set_reachable(True)
         if self.info is None and self.peer is not None:  # the HELLO failed earlier: try it again
             endpoint, gen = self.peer.endpoint, self._generation
@@ -151,23 +155,26 @@ class PeerController(QObject):
         self._move_in_flight = False
         if exc is not None:
             self._pending_move = None
-            self._failed(exc, "could not move the split on")
+            self._failed(exc, "could not move the split on", repeat=True)
         else:
             self.moved.emit(result)
         if self._pending_move is not None:
             k, self._pending_move = self._pending_move, None
             self.move(k)
 
-    def _failed(self, exc: BaseException, what: str) -> None:
+    def _failed(self, exc: BaseException, what: str, repeat: bool = False) -> None:
+        """Show an error; a poll's error (`repeat` False) only when it differs from the last one shown."""
         name = self.peer.name if self.peer else "the peer"
-        if isinstance(exc, (PeerError, PlanError)):
-            message = f"{what} {name}: {exc}"
-        else:  # a bug: say so in the window, with the log for details
+        expected = isinstance(exc, (PeerError, PlanError))
+        message = f"{what} {name}: {exc}" if expected else f"{what} {name}: {type(exc).__name__}: {exc} (see the log)"
+        if not repeat and message == self._last_error:
+            return  # already said: don't repeat the same error every poll
+        self._last_error = None if repeat else message
+        if not expected:  # a bug: say so in the window, with the log for details
             log.error("panel request failed", exc_info=exc)
-            message = f"{what} {name}: {type(exc).__name__}: {exc} (see the log)"
         if isinstance(exc, PeerError) and not isinstance(exc, PeerRefused):
             if not self._set_reachable(False):
-                return  # already said: don't repeat the same error every poll
+                return  # already said that it does not answer
         self.error.emit(message)
 
     def _set_reachable(self, ok: bool) -> bool:
@@ -198,9 +205,7 @@ class PeerController(QObject):
         threading.Thread(target=work, name="comfy-mesh-panel-request", daemon=True).start()
 
     def _deliver(self, generation: int, callback, value, err) -> None:
-        if generation != self._generation:
-            if callback == self._on_moved:  # a move of a peer no longer selected still finished
-                self._move_in_flight = False
+        if generation != self._generation:  # for a peer no longer selected (select() reset its move state)
             return
         callback(value, err)
 
@@ -221,7 +226,7 @@ def _reconfigure(peer: PeerRecord, n_blocks: int, k: int) -> MoveResult:
                 reply = client.reconfigure(plan)
                 return MoveResult(k, reply, time.perf_counter() - t0)
             except PeerRefused as exc:
-                if exc.code != STALE_EPOCH or not exc.plan:
+                if exc.code != ErrorCode.STALE_EPOCH or not exc.plan:
                     raise
                 epoch = max(epoch + 1, int(exc.plan.get("epoch", epoch)))
     raise PeerError(f"{peer.name}'s plan kept changing while the panel moved it; try again")

@@ -10,7 +10,7 @@ from PySide6.QtCore import QAbstractTableModel, QModelIndex, QObject, Qt, Signal
 from PySide6.QtWidgets import QApplication, QStyle, QStyledItemDelegate, QStyleOptionProgressBar
 
 from ..discovery.base import ADD, REMOVE, UPDATE, PeerEvent
-from ..discovery.cli import blocks_text
+from ..discovery.cli import blocks_text, memory_text
 from ..discovery.record import PeerRecord
 
 COLUMNS = ("Name", "Address", "GPU", "Memory", "Codecs", "Blocks", "State")
@@ -27,16 +27,6 @@ COLUMN_TIPS = (
 MEMORY_COLUMN = COLUMNS.index("Memory")
 MEMORY_ROLE = Qt.ItemDataRole.UserRole + 1  # (used, total, kind) for the bar delegate
 NODE_ROLE = Qt.ItemDataRole.UserRole + 2
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.1f}"
-
-
-def memory_label(r: PeerRecord) -> str:
-    if r.memory_kind == "cuda":
-        return f"{_gib(r.vram_used)} / {_gib(r.vram_total)} GiB"
-    return f"{_gib(r.vram_used)} / {_gib(r.vram_total)} GiB (process)"
 
 
 class DiscoveryBridge(QObject):
@@ -148,7 +138,7 @@ class PeerTableModel(QAbstractTableModel):
         if name == "GPU":
             return ", ".join(r.gpus) if r.gpus else "CPU"
         if name == "Memory":
-            return memory_label(r)
+            return memory_text(r)
         if name == "Codecs":
             return ", ".join(r.codecs)
         if name == "Blocks":
@@ -161,7 +151,7 @@ class PeerTableModel(QAbstractTableModel):
         if name == "Memory":
             what = "VRAM of the card" if r.memory_kind == "cuda" else \
                 "resident memory of the daemon process, of the machine's RAM (no GPU)"
-            return f"{head}\n{memory_label(r)}: {what}"
+            return f"{head}\n{memory_text(r)}: {what}"
         if name == "Codecs":
             return f"{head}\nencodes: {', '.join(r.encode) or '-'}\ndecodes: {', '.join(r.decode) or '-'}"
         if name == "Blocks":

@@ -10,6 +10,7 @@ the splitter and the last selected peer are kept in QSettings.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 from PySide6.QtCore import QItemSelectionModel, QSettings, Qt, QTimer
@@ -49,6 +50,7 @@ class MainWindow(QMainWindow):
         self._last_peer = str(self.settings.value(LAST_PEER_KEY, "") or "")
         self._selected: str | None = None
         self._started = False
+        self._stopping: threading.Thread | None = None  # discovery shutting down, off the GUI thread
         self._created = time.monotonic()
 
         self.model = PeerTableModel(self)
@@ -206,6 +208,9 @@ class MainWindow(QMainWindow):
     def start(self) -> "MainWindow":
         """Start discovery; rows appear as peers are found."""
         if not self._started:
+            if self._stopping is not None:  # reopened right after a close: let that stop finish first
+                self._stopping.join()
+                self._stopping = None
             self.source.on_event(self.bridge)
             self.source.start()
             for record in self.source.peers():
@@ -227,9 +232,18 @@ class MainWindow(QMainWindow):
         self.save_settings()
         self.controller.shutdown()
         if self._started:
-            self.source.stop()
+            # Stopping discovery joins its threads (seconds, for mDNS): not on the GUI thread.
+            self._stopping = threading.Thread(target=self.source.stop, name="comfy-mesh-panel-stop", daemon=True)
+            self._stopping.start()
             self._started = False
         super().closeEvent(event)
+
+    def wait_stopped(self, timeout: float | None = None) -> bool:
+        """After close: wait for discovery to finish stopping; True once it has."""
+        thread = self._stopping
+        if thread is not None:
+            thread.join(timeout)
+        return thread is None or not thread.is_alive()
 
     # ---------------------------------------------------------------- messages
 

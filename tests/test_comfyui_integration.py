@@ -15,7 +15,8 @@ What it checks, each against the same sampling with the unsplit model:
   ComfyUI's memory manager is told the front's size only, and those weights never got
   ComfyUI's "loaded" mark;
 - changing n_blocks_remote between runs, down and up, works without a restart;
-- a plan moved on the daemon mid-run (as the panel does) applies at the next step;
+- a plan moved on the daemon mid-run (as the panel does) applies at the next step, also
+  from an all-local split (n_blocks_remote 0) back up;
 - a daemon serving another file is refused with a message naming both files.
 """
 
@@ -305,6 +306,29 @@ def test_plan_moved_on_the_daemon_applies_at_the_next_step(comfy, klein, klein_r
 
         got = _sample_with_callback(comfy, split, pos, neg, panel)
     assert [r.n_blocks_remote for r in link.records] == [2, 1, 4]
+    assert _rel(got, expected) <= RAW_TOL
+
+
+def test_panel_moving_up_from_all_local_applies_at_the_next_step(comfy, klein, klein_reference, tiny_checkpoint):
+    """n_blocks_remote 0 sends no FORWARD that could be refused: the node asks the daemon's plan."""
+    from comfy_mesh.daemon.client import DaemonClient
+    from comfy_mesh.splitter.plan import tail_split
+
+    pos, neg, expected = klein_reference
+    with running_daemon(tiny_checkpoint, blocks=0, node_id="node-up") as server:
+        split = _split(klein, server, 0, key="itest-up")
+        link = _controller(split).link
+        moved = []
+
+        def panel(step, x0, x, total):  # after step 0 the panel gives the daemon three blocks
+            if not moved:
+                with DaemonClient(server.endpoint, timeout_s=30) as other:
+                    epoch = other.hello().epoch
+                    other.reconfigure(tail_split(5, 3, remote="node-up", epoch=epoch + 1))
+                moved.append(step)
+
+        got = _sample_with_callback(comfy, split, pos, neg, panel)
+    assert [r.n_blocks_remote for r in link.records] == [3] * (STEPS - 1)  # steps 1 and 2 split
     assert _rel(got, expected) <= RAW_TOL
 
 

@@ -57,7 +57,12 @@ def test_node_input_spec():
     assert n[0] == "INT" and n[1]["min"] == 0 and n[1]["max"] >= 56  # FLUX.2 dev's 8 + 48 blocks fit
     from comfy_mesh import codec as codecs
 
-    assert required["codec"][0] == ["auto"] + codecs.available() and required["codec"][1]["default"] == "auto"
+    # Every registered codec while the probe runs in the background; the usable ones after.
+    assert required["codec"][0] in (["auto"] + list(peers.KNOWN_CODECS), ["auto"] + codecs.available())
+    assert required["codec"][1]["default"] == "auto"
+    assert peers.CODECS.available(wait_s=60) == codecs.available()
+    assert SplitFlux2ToPeer.INPUT_TYPES()["required"]["codec"][0] == ["auto"] + codecs.available()
+    assert set(peers.KNOWN_CODECS) == set(codecs.capabilities())  # the fallback list names every registered codec
     assert required["quality"][0] == "FLOAT"
     assert spec["hidden"] == {"unique_id": "UNIQUE_ID"}
     assert SplitFlux2ToPeer.RETURN_TYPES == ("MODEL",)
@@ -195,13 +200,47 @@ def test_resolve_peer():
     assert peers.resolve_peer("box ([fe80::1]:5599)", "")[2] == "tcp://[fe80::1]:5599"
 
 
-def test_auto_codec_is_raw_on_loopback_and_lossy_over_a_network():
-    assert peers.choose_codec("auto", "127.0.0.1", cuda=False) == "raw"
-    assert peers.choose_codec("auto", "localhost", cuda=False) == "raw"
-    assert peers.choose_codec("auto", "192.168.1.20", cuda=False) == "cpu"
-    assert peers.choose_codec("raw", "192.168.1.20", cuda=False) == "raw"
+def _hello_info(decoders, encoders=None, device="cuda:0"):
+    """The fields of a daemon's HELLO reply that the codec choice reads."""
+    return types.SimpleNamespace(codecs=["cpu", "gpu", "raw"], encoders=encoders or ["cpu", "gpu", "raw"],
+                                 decoders=decoders, device=device)
+
+
+def test_auto_codec_is_negotiated_with_the_peers_hello(monkeypatch):
+    from comfy_mesh.codec import negotiate
+
+    # This end encodes nvenc (a card with NVENC); what the daemon decodes decides.
+    monkeypatch.setattr(negotiate, "local_capabilities",
+                        lambda: (["cpu", "gpu", "nvenc", "raw"], ["cpu", "gpu", "nvenc", "raw"]))
+    lan = "tcp://192.168.1.20:5599"
+    all_of_them = _hello_info(["cpu", "gpu", "nvenc", "raw", "x265"])
+    assert peers.choose_codec("auto", "tcp://127.0.0.1:5599", all_of_them, local_cuda=True)[0] == "raw"
+    assert peers.choose_codec("auto", "tcp://localhost:5599", all_of_them, local_cuda=True)[0] == "raw"
+    assert peers.choose_codec("auto", lan, all_of_them, local_cuda=True)[0] == "nvenc"
+    no_nvdec = _hello_info(["cpu", "gpu", "raw"])  # never nvenc for a daemon that cannot decode it
+    assert peers.choose_codec("auto", lan, no_nvdec, local_cuda=True)[0] == "gpu"
+    assert peers.choose_codec("auto", lan, no_nvdec, local_cuda=False)[0] == "cpu"
+    codec, why = peers.choose_codec("auto", lan, _hello_info(["raw"]), local_cuda=True)
+    assert codec == "raw" and "no compressing codec" in why and "reply" not in why
+    older = types.SimpleNamespace(codecs=["cpu", "raw"], encoders=None, decoders=None, device="cpu")
+    assert peers.choose_codec("auto", lan, older, local_cuda=True)[0] == "cpu"  # a daemon without encoders/decoders
+    assert peers.choose_codec("raw", lan, all_of_them, local_cuda=True) == ("raw", "chosen on the node")
     with pytest.raises(MeshError, match="not available"):
-        peers.choose_codec("telepathy", "127.0.0.1", cuda=False)
+        peers.choose_codec("telepathy", lan, all_of_them, local_cuda=False)
+    with pytest.raises(MeshError, match="not available"):
+        peers.check_codec("telepathy")
+
+
+def test_node_quality_tunes_every_lossy_codec():
+    import math
+
+    from comfy_mesh.comfyui.link import make_codec, quality_rel_err
+
+    assert make_codec("cpu", 3.0).settings.quality == 3.0
+    assert make_codec("gpu", 7.0).settings.rel_err == pytest.approx(1 / (7 * math.sqrt(12)))  # 0.041
+    assert make_codec("gpu", 64.0).settings.rel_err < make_codec("gpu", 7.0).settings.rel_err
+    assert 0 < quality_rel_err(0.5) < 1  # the whole widget range is a valid gpu setting
+    assert make_codec("raw", 7.0).name == "raw"
 
 
 @dataclasses.dataclass
@@ -252,6 +291,51 @@ def test_discovery_can_be_turned_off(monkeypatch):
         assert "COMFY_MESH_DISCOVERY" in peers.DISCOVERY.error
     finally:
         peers.DISCOVERY.set_source(_FakeSource([]))
+
+
+def test_input_types_never_wait_for_discovery_or_the_codec_probe(monkeypatch):
+    """ComfyUI calls INPUT_TYPES inside its async /object_info handler: a wait there stalls its server."""
+    import threading
+    import time
+
+    import comfy_mesh.codec
+    import comfy_mesh.discovery
+
+    release = threading.Event()
+    slow = _FakeSource([_Record("studio", 5599, "192.168.1.20")])
+
+    def slow_peer_source(**kwargs):  # zeroconf starting and a first browse that takes its time
+        release.wait(10)
+        return slow
+
+    real_available = comfy_mesh.codec.available
+
+    def slow_available():  # an NVENC probe
+        release.wait(10)
+        return real_available()
+
+    monkeypatch.setenv("COMFY_MESH_DISCOVERY", "1")
+    monkeypatch.setattr(comfy_mesh.discovery, "peer_source", slow_peer_source)
+    monkeypatch.setattr(comfy_mesh.codec, "available", slow_available)
+    monkeypatch.setattr(peers, "CODECS", peers._CodecProbe())
+    peers.DISCOVERY.stop()
+    try:
+        t0 = time.monotonic()
+        required = SplitFlux2ToPeer.INPUT_TYPES()["required"]
+        assert SplitFlux2ToPeer.VALIDATE_INPUTS(peers.MANUAL, "cpu") is True
+        assert time.monotonic() - t0 < 0.5
+        assert required["peer"][0] == [peers.MANUAL]  # the manual address works at once
+        assert required["codec"][0] == ["auto"] + list(peers.KNOWN_CODECS)
+        release.set()
+        assert [r.name for r in peers.DISCOVERY.peers(wait_s=10)] == ["studio"]
+        assert peers.CODECS.available(wait_s=10) == real_available()
+        required = SplitFlux2ToPeer.INPUT_TYPES()["required"]
+        assert required["peer"][0] == [peers.MANUAL, "studio (192.168.1.20:5599)"]
+        assert required["codec"][0] == ["auto"] + real_available()
+    finally:
+        release.set()
+        peers.DISCOVERY.set_source(_FakeSource([]))
+    assert slow.started and slow.stopped
 
 
 # ------------------------------------------------------------------ status on the node and the route
@@ -428,6 +512,127 @@ def test_unreachable_peer_says_so_quickly(tiny_checkpoint):
     with pytest.raises(MeshError, match="unreachable"):
         link.connect()
     link.close()
+
+
+def test_bad_address_says_so_and_leaves_no_socket(tiny_checkpoint, monkeypatch):
+    from comfy_mesh.comfyui import link as link_module
+
+    made = []
+
+    class Recording(link_module.DaemonClient):
+        def __init__(self, *args, **kwargs):
+            made.append(self)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(link_module, "DaemonClient", Recording)
+    link = _link("tcp://bad host:5599", tiny_checkpoint, TINY, 2)
+    with pytest.raises(MeshError, match="bad address") as info:
+        link.connect()
+    assert "HOST:PORT" in str(info.value)
+    state = link.board.get("t")
+    assert state.state == status.ERROR and "bad address" in state.message
+    import zmq
+
+    class RawZmq:  # a client that lets ZeroMQ's own error through
+        def __init__(self, *args, **kwargs):
+            raise zmq.ZMQError(22, "Invalid argument")
+
+    monkeypatch.setattr(link_module, "DaemonClient", RawZmq)
+    with pytest.raises(MeshError, match="bad address"):
+        _link("tcp://bad host:5599", tiny_checkpoint, TINY, 2).connect()
+    monkeypatch.setattr(link_module, "DaemonClient", Recording)
+
+    with socket.socket() as s:  # nobody listens: the socket the failed connect opened is closed again
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    link = _link(f"tcp://127.0.0.1:{port}", tiny_checkpoint, TINY, 2, connect_timeout_s=0.3)
+    with pytest.raises(MeshError, match="unreachable"):
+        link.connect()
+    assert link._client is None and made[-1]._sock.closed
+    assert link.board.get("t").state == status.ERROR  # the error stays visible
+
+
+def test_auto_codec_on_loopback_is_raw_after_hello(tiny_checkpoint):
+    with running_daemon(tiny_checkpoint, blocks=0) as server:
+        link = _link(server.endpoint, tiny_checkpoint, TINY, 2, codec="auto", local_cuda=True).connect()
+        try:
+            assert link._codec.name == "raw" and "loopback" in link.codec_reason
+            assert link.board.get("t").codec == "raw"
+        finally:
+            link.close()
+
+
+@pytest.mark.parametrize("refusal", ["stale_epoch", "not_hosting"])
+def test_failed_recovery_during_a_step_gives_advice(tiny_checkpoint, refusal):
+    """The daemon refuses a FORWARD, and talking to it again to recover fails too."""
+    from comfy_mesh.daemon.client import PeerRefused, PeerTimeout
+    from comfy_mesh.daemon.protocol import ErrorReply
+    from comfy_mesh.splitter.flux2.stage import image_ids, text_ids
+
+    with running_daemon(tiny_checkpoint, blocks=0) as server:
+        link = _link(server.endpoint, tiny_checkpoint, TINY, 2).connect()
+        try:
+            link.begin_run()
+            old_plan = dict(link.plan.to_dict(), epoch=0)  # older than ours: looks like a restarted daemon
+            reply = ErrorReply(refusal, "refused", plan=old_plan if refusal == "stale_epoch" else None)
+
+            def refuse(*args, **kwargs):
+                raise PeerRefused(server.endpoint, reply)
+
+            def gone(*args, **kwargs):
+                raise PeerTimeout("no answer")
+
+            link._remote.forward = refuse
+            link._client.hello = gone  # the stale path says HELLO again
+            link._remote.reconfigure = gone  # the not-hosting path re-installs the plan
+            with pytest.raises(MeshError, match="unreachable"):
+                link.forward(torch.randn(1, 8 + 36, 256), timestep=torch.tensor([0.5]), guidance=None,
+                             txt_ids=text_ids(1, 8), img_ids=image_ids(1, 6, 6))
+            state = link.board.get("t")
+            assert state.state == status.ERROR and "unreachable" in state.message
+        finally:
+            link.close()
+
+
+def test_all_local_plan_follows_the_daemon_moving_back_up(tiny_checkpoint, caplog):
+    """n_blocks_remote 0: no FORWARD goes out, so the link asks the daemon's plan before a step."""
+    from comfy_mesh.comfyui import link as link_module
+    from comfy_mesh.daemon.client import DaemonClient
+    from comfy_mesh.splitter.flux2.stage import image_ids, text_ids
+    from comfy_mesh.splitter.plan import tail_split
+
+    with running_daemon(tiny_checkpoint, blocks=0, node_id="node-z") as server:
+        link = _link(server.endpoint, tiny_checkpoint, TINY, 0).connect()
+        try:
+            link.begin_run()
+            assert link.n_blocks_remote == 0 and link.poll_plan() is False  # nothing moved
+            with DaemonClient(server.endpoint, timeout_s=30) as panel:
+                panel.reconfigure(tail_split(5, 3, remote="node-z", epoch=link.plan.epoch + 1))
+            assert link.poll_plan() is True and link.n_blocks_remote == 3
+            out = link.forward(torch.randn(1, 8 + 36, 256), timestep=torch.tensor([0.5]), guidance=None,
+                               txt_ids=text_ids(1, 8), img_ids=image_ids(1, 6, 6))
+            assert out.shape == (1, 36, 128) and link.records[-1].n_blocks_remote == 3
+            with DaemonClient(server.endpoint, timeout_s=30) as panel:  # and back to all local
+                panel.reconfigure(tail_split(5, 0, remote="node-z", epoch=link.plan.epoch + 1))
+            with pytest.raises(link_module.PlanMoved):
+                link.forward(torch.randn(1, 8 + 36, 256), timestep=torch.tensor([0.5]), guidance=None,
+                             txt_ids=text_ids(1, 8), img_ids=image_ids(1, 6, 6))
+            assert link.n_blocks_remote == 0
+        finally:
+            endpoint = server.endpoint
+    # The daemon is gone: the step goes on all local, said once, and is not held up again.
+    try:
+        with caplog.at_level("WARNING", logger="comfy_mesh.comfyui.link"):
+            assert link.poll_plan() is False
+            import time
+
+            t0 = time.monotonic()
+            assert link.poll_plan() is False
+            assert time.monotonic() - t0 < 0.1
+        assert sum("cannot ask" in r.getMessage() for r in caplog.records) == 1
+        assert link.n_blocks_remote == 0 and endpoint
+    finally:
+        link.close()
 
 
 def test_plan_moved_on_the_daemon_is_adopted_at_the_next_step(tiny_checkpoint):

@@ -14,7 +14,7 @@ import torch
 import zmq
 
 from comfy_mesh import codec as codecs
-from comfy_mesh.daemon.client import DaemonClient, PeerRefused, PeerTimeout
+from comfy_mesh.daemon.client import DaemonClient, PeerError, PeerRefused, PeerTimeout
 from comfy_mesh.daemon.protocol import ErrorCode, ForwardRequest, Message, PROTOCOL_VERSION, from_frames
 from comfy_mesh.daemon.remote_stage import RemoteStage
 from comfy_mesh.splitter.context_hash import ids_hash
@@ -420,3 +420,8 @@ def test_a_chain_of_two_daemons_equals_local(model, tiny_checkpoint):
             remote.client.close()
     assert _rel(got, expected) <= 1e-6
     assert all([h.node for h in s.hops] == ["node-b", "node-c"] for s in runner.stats)
+
+
+def test_a_bad_address_is_a_clear_error():
+    with pytest.raises(PeerError, match="give the daemon as HOST:PORT"):
+        DaemonClient("tcp://bad host:5599")

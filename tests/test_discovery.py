@@ -12,12 +12,14 @@ import json
 import logging
 import os
 import queue
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
 import uuid
+from types import SimpleNamespace
 
 import pytest
 from zeroconf import IPVersion, ServiceInfo, Zeroconf
@@ -27,7 +29,8 @@ from comfy_mesh.daemon.client import DaemonClient
 from comfy_mesh.daemon.memory import memory_report
 from comfy_mesh.discovery import CombinedPeers, DiscoveryError, PeerRecord, peer_source
 from comfy_mesh.discovery.base import PeerEvent
-from comfy_mesh.discovery.mdns import MdnsBrowser
+from comfy_mesh.discovery.address import resolve_ipv4
+from comfy_mesh.discovery.mdns import MdnsBrowser, make_zeroconf
 from comfy_mesh.discovery.record import SERVICE_TYPE, record_from_daemon
 from comfy_mesh.discovery.static import StaticPeers, parse_address
 from comfy_mesh.splitter.plan import tail_split
@@ -80,7 +83,10 @@ def test_record_ignores_unknown_keys_and_reads_a_newer_minor_version():
     ({"v": "one"}, "not MAJOR.MINOR"),
     ({"id": ""}, "lacks 'id'"),
     ({"id": "no spaces allowed"}, "not a valid node id"),
+    ({"id": "node-a1\n"}, "not a valid node id"),
     ({"nb": "-3"}, "not a non-negative integer"),
+    ({"nb": "²"}, "not a non-negative integer"),
+    ({"epoch": "1²"}, "not a non-negative integer"),
     ({"blocks": "20-40"}, "do not fit"),
     ({"blocks": "garbage"}, "not START-END"),
     ({"vf": str(11 * 2**30)}, "exceeds the total"),
@@ -115,7 +121,9 @@ def test_static_address_parsing():
     assert parse_address("10.8.0.2:5599") == ("10.8.0.2", 5599)
     assert parse_address("[fd00::2]:7000") == ("fd00::2", 7000)
     assert parse_address("gpu-box.lan:5599") == ("gpu-box.lan", 5599)
-    for bad in ("10.8.0.2", "10.8.0.2:0", ":5599", "host:port", "fd00::2:5599"):
+    assert parse_address("localhost:5599") == ("localhost", 5599)
+    for bad in ("10.8.0.2", "10.8.0.2:0", ":5599", "host:port", "fd00::2:5599", "10.8.0.2:²", "10.8.0.2:5²",
+                "gpu box:5599", "bad_host!:5599", "300.1.1.1:5599", "a..b:5599"):
         with pytest.raises(DiscoveryError):
             parse_address(bad)
 
@@ -127,6 +135,100 @@ def test_announce_goes_where_the_daemon_listens():
     interfaces, addresses = announce_plan("0.0.0.0", None)  # every interface, with this machine's addresses
     assert interfaces is None
     assert addresses == ["127.0.0.1"] or (addresses and not any(a.startswith("127.") for a in addresses))
+
+
+def test_a_bind_host_that_is_not_an_address_resolves_or_says_why(caplog):
+    assert announce_plan("localhost", None) == (["127.0.0.1"], ["127.0.0.1"])
+    import ifaddr
+
+    lo = next(a.name for a in ifaddr.get_adapters() if any(ip.ip == "127.0.0.1" for ip in a.ips))  # lo, lo0
+    assert announce_plan(lo, None) == (["127.0.0.1"], ["127.0.0.1"])  # an interface name, as ZeroMQ takes it
+    assert resolve_ipv4("0.0.0.0") == "0.0.0.0" and resolve_ipv4("127.0.0.1") == "127.0.0.1"
+    for bad, match in (("gpu box", "not an IPv4 address"), ("::1", "IPv4 only"), ("300.1.1.1", "not an IPv4")):
+        with pytest.raises(DiscoveryError, match=match):
+            announce_plan(bad, None)
+    # On localhost, announcing on another interface draws the loopback warning.
+    caplog.set_level(logging.WARNING, logger="comfy_mesh.daemon.announce")
+    server = SimpleNamespace(settings=SimpleNamespace(bind_host="localhost"))
+    announcer = DaemonAnnouncer(server, interfaces=["192.0.2.7"])
+    assert announcer.addresses == ["127.0.0.1"]
+    assert "listens on loopback only" in caplog.text
+
+
+def test_mdns_on_a_name_instead_of_an_address_is_a_discovery_error():
+    with pytest.raises(DiscoveryError, match="cannot open mDNS on"):
+        make_zeroconf(["lo"])  # zeroconf raises ValueError before it opens a socket
+
+
+def test_browser_forgets_a_peer_whose_update_is_malformed(caplog):
+    """An update whose TXT no longer validates (a Unicode digit) drops the old record, logged once."""
+    caplog.set_level(logging.WARNING, logger="comfy_mesh.discovery.mdns")
+    txt = _record().to_txt()
+    info = SimpleNamespace(properties=txt, port=5599, parsed_addresses=lambda version: ["127.0.0.1"])
+    zc = SimpleNamespace(get_service_info=lambda service_type, name, timeout: info)
+    browser = MdnsBrowser(interfaces=LOOPBACK)  # not started: _resolve is driven by hand
+    name = f"studio-pc [node-a1].{SERVICE_TYPE}"
+    browser._resolve(zc, SERVICE_TYPE, name)
+    assert [p.node for p in browser.peers()] == ["node-a1"]
+    info.properties = txt | {"nb": "²"}
+    browser._resolve(zc, SERVICE_TYPE, name)
+    browser._resolve(zc, SERVICE_TYPE, name)
+    assert browser.peers() == []
+    skips = [r for r in caplog.records if "skipping mDNS service" in r.getMessage()]
+    assert len(skips) == 1 and not any(r.exc_info for r in caplog.records)
+    info.properties = txt  # fixed again: listed again
+    browser._resolve(zc, SERVICE_TYPE, name)
+    assert [p.node for p in browser.peers()] == ["node-a1"]
+
+
+def test_static_peer_that_zeromq_refuses_is_a_quiet_peer_error(caplog):
+    caplog.set_level(logging.WARNING, logger="comfy_mesh.discovery.static")
+    static = StaticPeers([])
+    for _ in range(3):
+        static._poll("bad host", 5599)  # past parse_address, which refuses it
+    warnings = [r for r in caplog.records if r.name == "comfy_mesh.discovery.static"]
+    assert len(warnings) == 1 and "cannot connect" in warnings[0].getMessage() and not warnings[0].exc_info
+
+
+def test_daemon_withdraws_its_announcement_before_its_server_stops(monkeypatch, capsys):
+    from comfy_mesh.daemon import announce, main
+
+    order = []
+
+    class FakeServer:
+        endpoint, host = "tcp://127.0.0.1:1", SimpleNamespace(hosted=None, settings=SimpleNamespace(node_id="n"))
+
+        def start(self):
+            return self
+
+        def stop(self):
+            order.append("server stopped")
+
+    class FakeAnnouncer:
+        interfaces = ["127.0.0.1"]
+
+        def __init__(self, server, **kwargs):
+            pass
+
+        def start(self):
+            return self
+
+        def stop(self):
+            order.append("announcement withdrawn")
+
+    monkeypatch.setattr(main, "build", lambda args: FakeServer())
+    monkeypatch.setattr(announce, "DaemonAnnouncer", FakeAnnouncer)
+    previous = signal.signal(signal.SIGTERM, main._interrupt)  # whenever it lands: an interrupt, never a kill
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM))
+    try:
+        timer.start()
+        args = SimpleNamespace(no_announce=False, announce_interface=None, announce_refresh=5.0)
+        assert main.run(args) == 0
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGTERM, previous)
+    assert order == ["announcement withdrawn", "server stopped"]
+    assert json.loads(capsys.readouterr().out)["event"] == "ready"
 
 
 def test_cpu_node_reports_process_memory():

@@ -16,7 +16,9 @@ import contextlib
 import logging
 import socket
 import threading
+import time
 import uuid
+from types import SimpleNamespace
 
 import pytest
 from PySide6.QtCore import QSettings, Qt
@@ -31,7 +33,9 @@ from comfy_mesh.daemon.client import DaemonClient
 from comfy_mesh.daemon.protocol import StatusReply
 from comfy_mesh.daemon.remote_stage import RemoteStage
 from comfy_mesh.discovery.mdns import MdnsBrowser
-from comfy_mesh.discovery.record import SERVICE_TYPE
+from comfy_mesh.discovery.record import SERVICE_TYPE, PeerRecord
+from comfy_mesh.panel import controller as panel_controller
+from comfy_mesh.panel.controller import MoveResult, PeerController
 from comfy_mesh.panel.peer_model import COLUMNS
 from comfy_mesh.panel.plots import StatusSeries
 from comfy_mesh.panel.window import MainWindow
@@ -104,7 +108,7 @@ def test_panel_lists_daemons_moves_the_split_remembers_and_shows_errors(qtbot, t
                         timeout=WAIT_MS)
         assert cell(window, P1, "Name") == f"test-{P1}"
         assert cell(window, P2, "Address") == f"127.0.0.1:{p2.port}"
-        assert cell(window, P2, "GPU") == "CPU" and cell(window, P2, "Memory").endswith("(process)")
+        assert cell(window, P2, "GPU") == "CPU" and cell(window, P2, "Memory").endswith(" GiB process")
         assert cell(window, P2, "Blocks") == "[4, 5) of 5" and cell(window, P2, "State") == "serving"
         assert "raw" in cell(window, P2, "Codecs")
 
@@ -281,3 +285,89 @@ def test_block_loading_shows_progress(qtbot, tmp_path):
     assert window.progress.isVisible() and window.progress.maximum() == 0  # busy: nothing read yet
     window.controller.status.emit(status("idle", None), 2.0)
     assert not window.progress.isVisible()
+
+
+def _peer(node: str) -> PeerRecord:
+    return PeerRecord(node=node, name=node, port=1, n_blocks=5, address="127.0.0.1")
+
+
+def test_a_late_move_of_the_previous_peer_leaves_the_current_move_in_flight(qtbot, monkeypatch):
+    """Move A (slow), select B, move B; A's reply lands: B's move is still in flight, so the next move waits."""
+    release = {"a": threading.Event(), "b": threading.Event()}
+    started, finished = [], []
+
+    def reconfigure(peer, n_blocks, k):
+        started.append((peer.node, k))
+        release[peer.node].wait(10)
+        finished.append((peer.node, k))
+        return MoveResult(k, None, 0.0)
+
+    monkeypatch.setattr(panel_controller, "_with_client", lambda endpoint, timeout_s, call: SimpleNamespace(n_blocks=5))
+    monkeypatch.setattr(panel_controller, "_reconfigure", reconfigure)
+    controller = PeerController(poll_s=60)
+    try:
+        controller.select(_peer("a"))
+        qtbot.waitUntil(lambda: controller.info is not None)
+        controller.move(3)
+        qtbot.waitUntil(lambda: started == [("a", 3)])
+        controller.select(_peer("b"))
+        qtbot.waitUntil(lambda: controller.info is not None)
+        controller.move(2)
+        qtbot.waitUntil(lambda: len(started) == 2)
+        release["a"].set()
+        qtbot.waitUntil(lambda: ("a", 3) in finished)
+        qtbot.wait(100)  # A's result reaches the GUI thread and is dropped
+        controller.move(4)
+        assert started == [("a", 3), ("b", 2)] and controller.busy  # coalesced, not a second RECONFIGURE
+        release["b"].set()
+        qtbot.waitUntil(lambda: not controller.busy)
+        assert started == [("a", 3), ("b", 2), ("b", 4)]
+    finally:
+        for event in release.values():
+            event.set()
+        controller.shutdown()
+
+
+def test_a_repeated_poll_error_shows_once(qtbot, monkeypatch, caplog):
+    def fail(endpoint, timeout_s, call):
+        raise RuntimeError("Invalid argument")  # not a PeerError: as a bug is, with the log
+
+    monkeypatch.setattr(panel_controller, "_with_client", fail)
+    controller = PeerController(poll_s=60)
+    errors = []
+    controller.error.connect(errors.append)
+    caplog.set_level(logging.ERROR, logger="comfy_mesh.panel.controller")
+    try:
+        controller.select(_peer("a"))
+        qtbot.waitUntil(lambda: len(errors) == 1)
+        for _ in range(4):
+            controller.poll()
+            qtbot.waitUntil(lambda: not controller._status_in_flight)
+            qtbot.wait(20)
+        assert [e.split(":")[0] for e in errors] == ["could not reach a", "lost contact with a"]
+        assert len([r for r in caplog.records if r.levelno == logging.ERROR]) == 2
+    finally:
+        controller.shutdown()
+
+
+class _SlowToStop(_NoPeers):
+    def __init__(self):
+        self.release = threading.Event()
+        self.stopped = threading.Event()
+
+    def stop(self):
+        self.release.wait(10)
+        self.stopped.set()
+
+
+def test_closing_the_window_does_not_wait_for_discovery_to_stop(qtbot, tmp_path):
+    source = _SlowToStop()
+    window = MainWindow(source, settings=QSettings(str(tmp_path / "panel.ini"), QSettings.Format.IniFormat))
+    qtbot.addWidget(window)
+    window.show()
+    window.start()
+    t0 = time.monotonic()
+    window.close()
+    assert time.monotonic() - t0 < 1.0 and not source.stopped.is_set()
+    source.release.set()
+    assert window.wait_stopped(10) and source.stopped.is_set()
