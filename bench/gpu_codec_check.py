@@ -89,6 +89,13 @@ def main() -> int:
         torch.cuda.synchronize()
     rows = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:12]
     report["encode_top_kernels_ms"] = {e.key[:60]: round(e.device_time_total / 1e3, 3) for e in rows}
+    msg = codec.encode(x, layout=spec.layout)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        decode(msg, dev)
+        torch.cuda.synchronize()
+    rows = sorted(prof.key_averages(), key=lambda e: -e.cpu_time_total)[:14]
+    report["decode_top_ops_cpu_ms"] = {e.key[:60]: round(e.cpu_time_total / 1e3, 3) for e in rows}
     print(json.dumps(report))
     return 0 if report["kernels_match_reference"] else 1
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
 from .base import CodecError, CodecStateError, EncodedTensor, StreamState, TokenLayout
@@ -253,10 +254,28 @@ def _expand_center(center: torch.Tensor, p: _Plan) -> torch.Tensor:
 
 
 def _to_bytes(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
-    """Concatenate tensors' bytes on their device; one host copy of the result."""
+    """Concatenate tensors' bytes on their device; one host copy of the result, into
+    pinned memory from a GPU (a pageable copy of 8 MB measured 3.8 ms on an H200)."""
     flat = [t.contiguous().reshape(-1).view(torch.uint8) for t in tensors]
     sizes = [f.numel() for f in flat]
-    return torch.cat(flat).cpu(), sizes
+    blob = torch.cat(flat)
+    if not blob.is_cuda:
+        return blob, sizes
+    host = torch.empty(blob.numel(), dtype=torch.uint8, pin_memory=True)
+    host.copy_(blob)
+    return host, sizes
+
+
+def _from_bytes(buffers: list, total: int, device: torch.device) -> torch.Tensor:
+    """The received buffers as one tensor on `device`: one host copy (into pinned memory
+    for a GPU), one upload. Received buffers are read-only, so this copy is owed anyway."""
+    host = torch.empty(total, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    view, pos = host.numpy(), 0
+    for b in buffers:
+        n = memoryview(b).nbytes
+        view[pos:pos + n] = np.frombuffer(b, dtype=np.uint8)
+        pos += n
+    return host.to(device, non_blocking=True) if device.type == "cuda" else host
 
 
 class GpuCodec:
@@ -408,7 +427,7 @@ class GpuCodec:
         for name, size in expected.items():
             if name in sizes and sizes[name] != size:
                 raise CodecError(f"gpu codec buffer {name!r} has {sizes[name]} bytes, expected {size}")
-        blob = torch.frombuffer(bytearray(b"".join(bytes(memoryview(b)) for b in buffers)), dtype=torch.uint8).to(dev)
+        blob = _from_bytes(buffers, sum(sizes.values()), dev)
         pieces, pos = {}, 0
         for name in names:
             pieces[name] = blob[pos:pos + sizes[name]].clone()  # aligned storage for the views below
