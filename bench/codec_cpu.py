@@ -16,28 +16,17 @@ import logging
 import os
 import platform
 import sys
-import time
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from comfy_mesh.codec import decode, get
+from comfy_mesh.codec.bench import best_time
 from comfy_mesh.codec.checks import DTYPES
 from comfy_mesh.codec.cpu import CpuSettings
 from comfy_mesh.codec.synthetic import ActivationShape, activation_like
 
 log = logging.getLogger("bench.codec_cpu")
-
-
-def best_time(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
-    """Fastest of `repeat` calls (after one warm-up) and the last result."""
-    result = fn()
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, result
 
 
 def measure(x: torch.Tensor, quality: float, zstd_level: int, repeat: int) -> dict[str, Any]:

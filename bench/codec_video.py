@@ -22,26 +22,16 @@ import math
 import os
 import platform
 import sys
-import time
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from comfy_mesh.codec import decode, get
+from comfy_mesh.codec.bench import best_time
 from comfy_mesh.codec.checks import DTYPES
 from comfy_mesh.codec.synthetic import ActivationShape, activation_like
 
 log = logging.getLogger("bench.codec_video")
-
-
-def best_time(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
-    result = fn()
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, result
 
 
 def measure(x: torch.Tensor, codec_name: str, settings: dict, repeat: int, layout: Any = None) -> dict[str, Any]:

@@ -31,6 +31,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def best_time(fn, repeat: int, device: torch.device | str = "cpu") -> tuple[float, object]:
+    """Fastest of `repeat` calls after one warm-up, and the last result (GPU work synced)."""
+    dev = torch.device(device)
+    out = fn()
+    _sync(dev)
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        _sync(dev)
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
 def _timed(fn, device, repeat: int):
     times, out = [], None
     for _ in range(repeat):
