@@ -16,6 +16,8 @@ from comfy_mesh.codec import Codec, CodecError, EncodedTensor, available, decode
 from comfy_mesh.codec.cpu import CpuSettings, unpack
 from comfy_mesh.codec.synthetic import ActivationShape, activation_like
 
+from codec_messages import with_buffer, with_header
+
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Unit roundoff of the cast back to each dtype (what the cpu bound adds for it).
 CAST_U = {torch.float32: 0.0, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
@@ -333,22 +335,6 @@ def cpu_message(activations) -> EncodedTensor:
 @pytest.fixture(scope="module")
 def raw_message() -> EncodedTensor:
     return as_bytes_message(get("raw").encode(torch.randn(40, 8).to(torch.bfloat16)))
-
-
-def with_buffer(message: EncodedTensor, i: int, data: bytes) -> EncodedTensor:
-    buffers = list(message.buffers)
-    buffers[i] = data
-    return EncodedTensor(dict(message.header), buffers)
-
-
-def with_header(message: EncodedTensor, **changes) -> EncodedTensor:
-    header = dict(message.header)
-    for key, value in changes.items():
-        if value is KeyError:
-            header.pop(key)
-        else:
-            header[key] = value
-    return EncodedTensor(header, list(message.buffers))
 
 
 def test_damage_fixture_decodes(cpu_message, raw_message):

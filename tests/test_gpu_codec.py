@@ -17,6 +17,8 @@ from comfy_mesh.codec.base import CodecStateError, EncodedTensor, StreamState, T
 from comfy_mesh.codec.corpus import CorpusSpec, synthetic_carry, synthetic_steps
 from comfy_mesh.codec import entropy as E
 
+from codec_messages import with_buffer
+
 SPEC = CorpusSpec(layout=TokenLayout(64, 24, 24), channels=128)
 
 
@@ -177,26 +179,20 @@ def test_lost_message_is_detected_and_a_key_message_recovers():
     assert _rel(decode(codec.encode(b, state=enc, layout=SPEC.layout), state=dec), b) <= 0.05
 
 
-def _corrupt(msg, i, data):
-    buffers = list(msg.buffers)
-    buffers[i] = data
-    return EncodedTensor(msg.header, buffers)
-
-
 def test_corrupt_messages_are_refused_cleanly():
     x = synthetic_carry(SPEC)
     msg = get("gpu").encode(x, layout=SPEC.layout)
     names = list(msg.header["parts"])
     words = names.index("words")
     cases = {
-        "truncated words": _corrupt(msg, words, bytes(msg.buffers[words])[:-100]),
-        "flipped words": _corrupt(msg, words, bytes(b ^ 0x5A for b in bytes(msg.buffers[words]))),
+        "truncated words": with_buffer(msg, words, bytes(msg.buffers[words])[:-100]),
+        "flipped words": with_buffer(msg, words, bytes(b ^ 0x5A for b in bytes(msg.buffers[words]))),
         "missing buffer": EncodedTensor(msg.header, msg.buffers[:-1]),
-        "bad freq": _corrupt(msg, names.index("freq"), b"\xff" * len(bytes(msg.buffers[names.index("freq")]))),
+        "bad freq": with_buffer(msg, names.index("freq"), b"\xff" * len(bytes(msg.buffers[names.index("freq")]))),
         "wrong version": EncodedTensor(msg.header | {"v": 9}, msg.buffers),
         "wrong shape": EncodedTensor(msg.header | {"shape": [1, 641, 128]}, msg.buffers),
         "garbage grid": EncodedTensor(msg.header | {"grid": "x"}, msg.buffers),
-        "escape outside": _corrupt(msg, names.index("esc_pos"), torch.tensor([10**12]).numpy().tobytes())
+        "escape outside": with_buffer(msg, names.index("esc_pos"), torch.tensor([10**12]).numpy().tobytes())
         if msg.header["n_esc"] == 0 else msg,
     }
     for name, bad in cases.items():

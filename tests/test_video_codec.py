@@ -20,6 +20,8 @@ from comfy_mesh.codec import CodecError, EncodedTensor, decode, get
 from comfy_mesh.codec import nvenc, video_pack
 from comfy_mesh.codec.registry import available, capabilities, decode_capabilities
 from comfy_mesh.codec.synthetic import ActivationShape, activation_like
+
+from codec_messages import with_buffer, with_header
 from comfy_mesh.codec.video_pack import (
     ALIGN,
     MAX_AREA,
@@ -347,22 +349,6 @@ def test_x265_bad_settings(settings):
 @pytest.fixture(scope="module")
 def message(small) -> EncodedTensor:
     return as_bytes_message(get("x265").encode(small.to(torch.bfloat16)))
-
-
-def with_buffer(message: EncodedTensor, i: int, data) -> EncodedTensor:
-    buffers = list(message.buffers)
-    buffers[i] = data
-    return EncodedTensor(dict(message.header), buffers)
-
-
-def with_header(message: EncodedTensor, **changes) -> EncodedTensor:
-    header = dict(message.header)
-    for key, value in changes.items():
-        if value is KeyError:
-            header.pop(key)
-        else:
-            header[key] = value
-    return EncodedTensor(header, list(message.buffers))
 
 
 def test_damage_fixture_decodes(message):
