@@ -1,0 +1,448 @@
+"""The `gpu` codec's fused backend: Triton kernels, no host round trip until the end.
+
+Encode, for a (B, T, C) carry on a CUDA device (codec/gpu_reference.py is the same
+format in torch ops, and the documentation of each stage):
+
+1. token statistics: each token's centred and plain squared norm (one read);
+   the loud tokens are picked on the device (gpu_layout.find_loud);
+2. step fit without host syncs: 16 candidate steps spaced by sqrt(2) are tried on a
+   sample of the tiles, then 16 spaced by 2^(1/32) around the best on every tile. Each
+   try recomputes the 8x8 DCT from the bf16 input (cheaper than storing float32
+   coefficients) and quantises every coefficient with every candidate; the largest
+   step within the error target wins, picked on the device;
+3. quantise: int16 values, a histogram per (context, token) and the escapes, in one
+   pass (and the temporal reference, when there is one);
+4. rANS (codec/entropy_triton.py), then one small device-to-host copy of the sizes,
+   and the words packed back to back.
+
+Decode: rANS straight to dequantised coefficients, the escapes put back, then one pass
+that adds the temporal reference, runs the inverse DCT, adds the centre and writes the
+output dtype. Checks of the message's contents collect in one device flag, read once.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import entropy_triton
+from .entropy import ALPHABET, ESCAPE, EXACT_TOKENS, MAX_EXP, Geometry, normalize_counts
+from .gpu_layout import (LOUD_CLASS, MAX_SHIFT, N_BUCKETS, N_CLASSES, ROWS_PER_BLOCK, TEXT_CLASS, Layout,
+                         channel_centre, channel_shifts, channel_spread, channel_steps,
+                         context_buckets, dct2_matrix, find_loud, round_step, sample_rows)
+
+try:
+    import triton
+    import triton.language as tl
+    from .entropy_triton import tokenize
+except ImportError:  # pragma: no cover - depends on the machine
+    triton = None
+
+CANDIDATES = 16  # steps tried per fit pass
+COARSE_RATIO = 2 ** 0.5  # spacing of the first pass's candidates
+FINE_RATIO = 2 ** (1 / 32)  # ... and of the second's
+SAMPLE_PROGRAMS = 2048  # the first pass looks at about this many (tile, channel group)s
+CHANNEL_BLOCK = 64  # channels per tile
+CHUNKS = 4  # channel blocks per program (fewer atomics for the histogram)
+HIST_BINS = N_BUCKETS * 64  # (context, token) bins; token 63 of each context is unused
+ESCAPE_CAPACITY = 1 << 16  # escapes the fused encoder collects (more: the torch path)
+# tf32x3: three TF32 tensor-core products, about float32 accuracy (plain TF32 would add
+# a 5e-4 relative error to every coefficient).
+PRECISION = "tf32x3"
+
+
+def available(device: torch.device) -> bool:
+    return entropy_triton.available(device)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rows(tile, T, N_TXT, H, W, HB, WB, TEXT_TILES, BLOCK_TILES, TEXT_ROWS, FIXED_ROWS, n_loud,
+              loud_idx_ptr, TEXT: tl.constexpr, LOUD: tl.constexpr):
+        """The 64 rows of one tile: text rows, one 8x8 block, or loud rows.
+
+        -> (coefficient row, row exists, class, carry row to read (clamped into the grid:
+        replicate padding), carry row this tile owns on output (-1: none), flat image
+        token (-1 for text))."""
+        r = tl.arange(0, 64)
+        if tile < TEXT_TILES:
+            row = tile * 64 + r
+            ok = row < TEXT_ROWS
+            b = row // N_TXT
+            xrow = b * T + (row - b * N_TXT)
+            sym = row
+            cls = tl.full((64,), TEXT, tl.int32)
+            own = tl.where(ok, xrow, -1)
+            img = tl.full((64,), -1, tl.int32)
+        elif tile < TEXT_TILES + BLOCK_TILES:
+            bt = tile - TEXT_TILES
+            bj = bt % WB
+            bi = (bt // WB) % HB
+            b = bt // (WB * HB)
+            yy = bi * 8 + r // 8
+            xx = bj * 8 + r % 8
+            yc = tl.minimum(yy, H - 1)
+            xc = tl.minimum(xx, W - 1)
+            img = (b * H + yc) * W + xc
+            xrow = b * T + N_TXT + yc * W + xc
+            sym = TEXT_ROWS + bt * 64 + r
+            ok = r < 64
+            s = r // 8 + r % 8
+            cls = (s >= 1).to(tl.int32) + (s >= 3).to(tl.int32) + (s >= 6).to(tl.int32) + (s >= 10).to(tl.int32)
+            own = tl.where((yy < H) & (xx < W), xrow, -1)
+        else:
+            k = (tile - TEXT_TILES - BLOCK_TILES) * 64 + r
+            ok = k < n_loud
+            img = tl.load(loud_idx_ptr + k, mask=ok, other=0).to(tl.int32)
+            b = img // (H * W)
+            xrow = b * T + N_TXT + (img - b * H * W)
+            sym = FIXED_ROWS + k
+            cls = tl.full((64,), LOUD, tl.int32)
+            own = tl.where(ok, xrow, -1)
+        return sym, ok, cls, xrow, own, img
+
+    @triton.jit
+    def _forward_tile(x_ptr, center_ptr, loud_mask_ptr, d2, tile, ch, cm, ok, xrow, img, TEXT_TILES, BLOCK_TILES,
+                      C: tl.constexpr, PREC: tl.constexpr):
+        """Centred coefficients of one tile's rows for channels `ch` (rows that do not exist: 0)."""
+        m = ok[:, None] & cm[None, :]
+        xv = tl.load(x_ptr + xrow.to(tl.int64)[:, None] * C + ch[None, :], mask=m, other=0.0).to(tl.float32)
+        xv = tl.where(m, xv - tl.load(center_ptr + ch, mask=cm, other=0.0)[None, :], 0.0)
+        if (tile >= TEXT_TILES) & (tile < TEXT_TILES + BLOCK_TILES):
+            loud = tl.load(loud_mask_ptr + img) != 0
+            xv = tl.where(loud[:, None], 0.0, xv)  # a loud token's own row carries it
+            xv = tl.dot(d2, xv, input_precision=PREC)
+        return xv
+
+    @triton.jit
+    def _fit_kernel(x_ptr, center_ptr, loud_mask_ptr, loud_idx_ptr, n_loud_ptr, d2_ptr, ref_ptr, steps_ptr, inv_ptr,
+                    err_ptr, sq_ptr, STRIDE, N_PROGRAMS, GROUPS, T, N_TXT, H, W, HB, WB, TEXT_TILES, BLOCK_TILES,
+                    TEXT_ROWS, FIXED_ROWS, C: tl.constexpr, CB: tl.constexpr, CHUNKS: tl.constexpr,
+                    K: tl.constexpr, HAS_REF: tl.constexpr, SQ: tl.constexpr, TEXT: tl.constexpr,
+                    LOUD: tl.constexpr, NCLS: tl.constexpr, PREC: tl.constexpr):
+        """Squared error of every candidate step over this program's tile and channels
+        (one partial sum per program and candidate: no contended atomics); with SQ, each
+        (class, channel)'s sum of squared coefficients too."""
+        pid = tl.program_id(0)
+        p = (pid * STRIDE) % N_PROGRAMS
+        tile = p // GROUPS
+        n_loud = tl.load(n_loud_ptr)
+        sym, ok, cls, xrow, own, img = _rows(tile, T, N_TXT, H, W, HB, WB, TEXT_TILES, BLOCK_TILES, TEXT_ROWS,
+                                             FIXED_ROWS, n_loud, loud_idx_ptr, TEXT, LOUD)
+        r = tl.arange(0, 64)
+        d2 = tl.load(d2_ptr + r[:, None] * 64 + r[None, :])
+        kk = tl.arange(0, K)
+        acc = tl.zeros((K,), tl.float32)
+        for j in range(CHUNKS):
+            ch = ((p % GROUPS) * CHUNKS + j) * CB + tl.arange(0, CB)
+            cm = ch < C
+            coef = _forward_tile(x_ptr, center_ptr, loud_mask_ptr, d2, tile, ch, cm, ok, xrow, img, TEXT_TILES,
+                                 BLOCK_TILES, C, PREC)
+            m = ok[:, None] & cm[None, :]
+            if HAS_REF:
+                coef -= tl.load(ref_ptr + sym.to(tl.int64)[:, None] * C + ch[None, :], mask=m, other=0.0)
+            if SQ:
+                sq = coef * coef
+                for c in tl.static_range(NCLS):
+                    part = tl.sum(tl.where((cls == c)[:, None], sq, 0.0), 0)
+                    tl.atomic_add(sq_ptr + c * C + ch, part, mask=cm & (part != 0))
+            for k in tl.static_range(K):
+                s = tl.load(steps_ptr + k * C + ch, mask=cm, other=1.0)
+                inv = tl.load(inv_ptr + k * C + ch, mask=cm, other=1.0)
+                qf = tl.floor(coef * inv[None, :] + 0.5)
+                e = tl.where(tl.abs(qf) >= 32768.0, 0.0, coef - qf * s[None, :])
+                acc += tl.where(kk == k, tl.sum(tl.sum(e * e, 1), 0), 0.0)
+        tl.store(err_ptr + pid.to(tl.int64) * K + kk, acc)
+
+    @triton.jit
+    def _quantise_kernel(x_ptr, center_ptr, loud_mask_ptr, loud_idx_ptr, n_loud_ptr, d2_ptr, ref_ptr, new_ref_ptr, steps_ptr,
+                         inv_ptr, bucket_ptr, q_ptr, hist_ptr, err_ptr, esc_count_ptr, esc_pos_ptr, esc_val_ptr,
+                         ESC_CAP, GROUPS, T, N_TXT, H, W, HB, WB, TEXT_TILES, BLOCK_TILES, TEXT_ROWS, FIXED_ROWS,
+                         C: tl.constexpr, CB: tl.constexpr, CHUNKS: tl.constexpr, HAS_REF: tl.constexpr,
+                         WRITE_REF: tl.constexpr, BINS: tl.constexpr, TEXT: tl.constexpr, LOUD: tl.constexpr,
+                         EXACT: tl.constexpr, MAXE: tl.constexpr, ESC: tl.constexpr, PREC: tl.constexpr):
+        p = tl.program_id(0)
+        tile = p // GROUPS
+        n_loud = tl.load(n_loud_ptr)
+        sym, ok, cls, xrow, own, img = _rows(tile, T, N_TXT, H, W, HB, WB, TEXT_TILES, BLOCK_TILES, TEXT_ROWS,
+                                             FIXED_ROWS, n_loud, loud_idx_ptr, TEXT, LOUD)
+        r = tl.arange(0, 64)
+        d2 = tl.load(d2_ptr + r[:, None] * 64 + r[None, :])
+        hist = tl.zeros((BINS,), tl.int32)
+        err = tl.zeros((CB,), tl.float32)
+        for j in range(CHUNKS):
+            ch = ((p % GROUPS) * CHUNKS + j) * CB + tl.arange(0, CB)
+            cm = ch < C
+            coef = _forward_tile(x_ptr, center_ptr, loud_mask_ptr, d2, tile, ch, cm, ok, xrow, img, TEXT_TILES,
+                                 BLOCK_TILES, C, PREC)
+            m = ok[:, None] & cm[None, :]
+            at = sym.to(tl.int64)[:, None] * C + ch[None, :]
+            if HAS_REF:
+                ref = tl.load(ref_ptr + at, mask=m, other=0.0)
+                coef -= ref
+            s = tl.load(steps_ptr + ch, mask=cm, other=1.0)
+            inv = tl.load(inv_ptr + ch, mask=cm, other=1.0)
+            qf = tl.floor(coef * inv[None, :] + 0.5)
+            esc = m & (tl.abs(qf) >= 32768.0)
+            q = tl.where(esc, -32768, qf.to(tl.int32))
+            tl.store(q_ptr + at, q.to(tl.int16), mask=m)
+            recon = tl.where(esc, coef, qf * s[None, :])
+            e = tl.where(m, coef - recon, 0.0)
+            err += tl.sum(e * e, 0)
+            if WRITE_REF:
+                if HAS_REF:
+                    recon += ref
+                tl.store(new_ref_ptr + at, recon, mask=m)
+            if tl.sum(tl.sum(esc.to(tl.int32), 1), 0) > 0:
+                slot = tl.atomic_add(esc_count_ptr + tl.zeros((64, CB), tl.int32), 1, mask=esc)
+                keep = esc & (slot < ESC_CAP)
+                tl.store(esc_pos_ptr + slot, at, mask=keep)
+                tl.store(esc_val_ptr + slot, coef, mask=keep)
+            tok, nr, raw = tokenize(q, EXACT, MAXE, ESC)
+            b = tl.load(bucket_ptr + cls[:, None] * C + ch[None, :], mask=m, other=0).to(tl.int32)
+            hist += tl.histogram(tl.reshape(tl.where(m, b * 64 + tok, 63), [64 * CB]), BINS)
+        tl.atomic_add(hist_ptr + tl.arange(0, BINS), hist, mask=hist > 0)
+        tl.store(err_ptr + p, tl.sum(err, 0))
+
+    @triton.jit
+    def _inverse_kernel(coef_ptr, ref_ptr, new_ref_ptr, center_ptr, loud_mask_ptr, loud_idx_ptr, n_loud, d2_ptr,
+                        out_ptr, GROUPS, T, N_TXT, H, W, HB, WB, TEXT_TILES, BLOCK_TILES, TEXT_ROWS, FIXED_ROWS,
+                        C: tl.constexpr, CB: tl.constexpr, CHUNKS: tl.constexpr, HAS_REF: tl.constexpr,
+                        WRITE_REF: tl.constexpr, TEXT: tl.constexpr, LOUD: tl.constexpr, PREC: tl.constexpr):
+        p = tl.program_id(0)
+        tile = p // GROUPS
+        sym, ok, cls, xrow, own, img = _rows(tile, T, N_TXT, H, W, HB, WB, TEXT_TILES, BLOCK_TILES, TEXT_ROWS,
+                                             FIXED_ROWS, n_loud, loud_idx_ptr, TEXT, LOUD)
+        r = tl.arange(0, 64)
+        block = (tile >= TEXT_TILES) & (tile < TEXT_TILES + BLOCK_TILES)
+        if block:
+            own = tl.where(tl.load(loud_mask_ptr + img) != 0, -1, own)  # the loud row writes that token
+        d2t = tl.load(d2_ptr + r[None, :] * 64 + r[:, None])
+        for j in range(CHUNKS):
+            ch = ((p % GROUPS) * CHUNKS + j) * CB + tl.arange(0, CB)
+            cm = ch < C
+            m = ok[:, None] & cm[None, :]
+            at = sym.to(tl.int64)[:, None] * C + ch[None, :]
+            c = tl.load(coef_ptr + at, mask=m, other=0.0)
+            if HAS_REF:
+                c += tl.load(ref_ptr + at, mask=m, other=0.0)
+            if WRITE_REF:
+                tl.store(new_ref_ptr + at, c, mask=m)
+            if block:
+                c = tl.dot(d2t, c, input_precision=PREC)
+            c += tl.load(center_ptr + ch, mask=cm, other=0.0)[None, :]
+            tl.store(out_ptr + own.to(tl.int64)[:, None] * C + ch[None, :], c, mask=(own >= 0)[:, None] & cm[None, :])
+
+    @triton.jit
+    def _token_sq_kernel(x_ptr, center_ptr, centred_ptr, plain_ptr, C: tl.constexpr, CB: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        acc_c = tl.zeros((CB,), tl.float32)
+        acc_p = tl.zeros((CB,), tl.float32)
+        for c0 in range(0, C, CB):
+            ch = c0 + tl.arange(0, CB)
+            cm = ch < C
+            v = tl.load(x_ptr + row * C + ch, mask=cm, other=0.0).to(tl.float32)
+            d = tl.where(cm, v - tl.load(center_ptr + ch, mask=cm, other=0.0), 0.0)
+            acc_c += d * d
+            acc_p += v * v
+        tl.store(centred_ptr + row, tl.sum(acc_c, 0))
+        tl.store(plain_ptr + row, tl.sum(acc_p, 0))
+
+
+class _Grid:
+    """Kernel arguments that describe a layout's tiles."""
+
+    def __init__(self, layout: Layout, device):
+        p = layout
+        self.layout = p
+        self.text_tiles = -(-p.text_rows // 64)
+        self.block_tiles = p.block_rows // ROWS_PER_BLOCK
+        self.loud_tiles = -(-p.loud_capacity // 64)
+        self.tiles = self.text_tiles + self.block_tiles + self.loud_tiles
+        self.groups = -(-p.channels // (CHANNEL_BLOCK * CHUNKS))
+        self.programs = self.tiles * self.groups
+        self.d2 = _dct2(device)
+
+    def args(self) -> dict:
+        p = self.layout
+        return dict(GROUPS=self.groups, T=p.tokens, N_TXT=p.n_txt, H=max(p.h, 1), W=max(p.w, 1), HB=max(p.hb, 1),
+                    WB=max(p.wb, 1), TEXT_TILES=self.text_tiles, BLOCK_TILES=self.block_tiles,
+                    TEXT_ROWS=p.text_rows, FIXED_ROWS=p.fixed_rows, C=p.channels, CB=CHANNEL_BLOCK, CHUNKS=CHUNKS,
+                    TEXT=TEXT_CLASS, LOUD=LOUD_CLASS, PREC=PRECISION)
+
+
+_DCT2: dict = {}
+
+
+def _dct2(device) -> torch.Tensor:
+    """The 64x64 block DCT on `device`, made once: an upload in the middle of a decode
+    would wait for the kernels queued before it."""
+    key = str(device)
+    if key not in _DCT2:
+        _DCT2[key] = dct2_matrix(device)
+    return _DCT2[key]
+
+
+def _loud_mask(loud_idx: torch.Tensor, image_tokens: int) -> torch.Tensor:
+    mask = torch.zeros(image_tokens + 1, dtype=torch.uint8, device=loud_idx.device)
+    mask[torch.where(loud_idx >= 0, loud_idx, image_tokens)] = 1
+    return mask[:image_tokens] if image_tokens else torch.zeros(1, dtype=torch.uint8, device=loud_idx.device)
+
+
+def _fit(grid: _Grid, common: dict, x, ref, spread, floor, target_sq, stride: int, candidates,
+         sq: torch.Tensor | None):
+    """One fit pass: the squared error of each candidate step (K,) over the sampled programs."""
+    shifts = channel_shifts(candidates, spread, floor)
+    steps = channel_steps(candidates, shifts).contiguous()
+    inv = (1.0 / steps).contiguous()
+    n_prog = -(-grid.programs // stride)
+    part = torch.empty(n_prog, CANDIDATES, dtype=torch.float32, device=x.device)
+    _fit_kernel[(n_prog,)](x, *common["pointers"], ref if ref is not None else x, steps, inv, part,
+                           sq if sq is not None else part, stride, grid.programs, K=CANDIDATES,
+                           HAS_REF=ref is not None, SQ=sq is not None, NCLS=N_CLASSES, **grid.args())
+    err = part.sum(0, dtype=torch.float64) * (grid.programs / n_prog)
+    ok = err <= target_sq
+    # largest candidate within the target (candidates ascend), else the smallest
+    best = ((ok.to(torch.int64) * torch.arange(1, CANDIDATES + 1, device=x.device)).max() - 1).clamp(min=0)
+    return best, shifts, steps, inv
+
+
+def encode(x: torch.Tensor, layout: Layout, settings, reference: dict | None, keep: bool) -> dict | None:
+    """Encode (B, T, C) `x` on its CUDA device: the parts of a message, as
+    gpu_reference.encode returns them, or None where this path cannot (more escapes
+    than it collects): the caller then uses the torch path."""
+    device = x.device
+    p = layout
+    delta = reference is not None
+    rows_per_class = torch.tensor(p.rows_per_class(0), dtype=torch.float32, device=device)  # before any kernel
+    rows = sample_rows(x)
+    if delta:
+        center, loud_idx = reference["center"], reference["loud_idx"]
+        n_loud = torch.full((), len(p.loud), dtype=torch.int64, device=device)
+    else:
+        center = channel_centre(rows)
+    spread = channel_spread(rows - center)
+    centred_sq = torch.empty(p.batch * p.tokens, dtype=torch.float32, device=device)
+    plain_sq = torch.empty_like(centred_sq)
+    _token_sq_kernel[(p.batch * p.tokens,)](x, center, centred_sq, plain_sq, C=p.channels, CB=1024)
+    if not delta:
+        if p.h:
+            loud_idx, n_loud = find_loud(centred_sq.view(p.batch, p.tokens)[:, p.n_txt:].reshape(-1), p)
+        else:
+            loud_idx = torch.full((1,), -1, dtype=torch.int64, device=device)
+            n_loud = torch.zeros((), dtype=torch.int64, device=device)
+    grid = _Grid(p, device)
+    loud_mask = _loud_mask(loud_idx, p.image_tokens)
+    common = {"pointers": (center, loud_mask, loud_idx, n_loud.to(torch.int32).reshape(1), grid.d2)}
+    tot_sq = plain_sq.sum(dtype=torch.float64)
+    numel = p.batch * p.tokens * p.channels
+    target_sq = (settings.rel_err ** 2) * tot_sq
+    floor = settings.channel_rel_err * math.sqrt(12.0)
+    ref = reference["coef"] if delta else None
+
+    # 2. step fit: coarse on a sample, fine on everything
+    step0 = settings.rel_err * torch.sqrt(tot_sq * 12.0 / max(numel, 1)).float()
+    k = torch.arange(CANDIDATES, device=device, dtype=torch.float32)
+    coarse = round_step(step0 * COARSE_RATIO ** (k - 4))
+    stride = max(1, grid.programs // SAMPLE_PROGRAMS)
+    if stride > 1 and math.gcd(stride, grid.programs) != 1:
+        stride += 1 if math.gcd(stride + 1, grid.programs) == 1 else -1  # visit distinct programs
+    best, *_ = _fit(grid, common, x, ref, spread, floor, target_sq, stride, coarse, None)
+    fine = round_step(coarse[best] * FINE_RATIO ** (k - 4))
+    sq = torch.zeros(N_CLASSES, p.channels, dtype=torch.float32, device=device)
+    best, shifts, steps, inv = _fit(grid, common, x, ref, spread, floor, target_sq, 1, fine, sq)
+    step, shifts, steps_c, inv_c = fine[best], shifts[best], steps[best].contiguous(), inv[best].contiguous()
+
+    # 3. contexts and quantisation
+    rows_per_class[LOUD_CLASS] = n_loud.float()
+    buckets = context_buckets(sq, rows_per_class, steps_c).contiguous()
+    max_rows = p.fixed_rows + p.loud_capacity
+    q16 = torch.empty(max_rows * p.channels, dtype=torch.int16, device=device)
+    hist = torch.zeros(HIST_BINS, dtype=torch.int32, device=device)
+    err_part = torch.empty(grid.programs, dtype=torch.float32, device=device)
+    esc_count = torch.zeros(1, dtype=torch.int32, device=device)
+    esc_pos = torch.empty(ESCAPE_CAPACITY, dtype=torch.int64, device=device)
+    esc_val = torch.empty(ESCAPE_CAPACITY, dtype=torch.float32, device=device)
+    # the new reference goes to a new buffer: the old one stays whole if this path gives up
+    new_ref = torch.empty(max_rows * p.channels, dtype=torch.float32, device=device) if keep else None
+    _quantise_kernel[(grid.programs,)](x, *common["pointers"], ref if ref is not None else x,
+                                       new_ref if new_ref is not None else x, steps_c, inv_c, buckets,
+                                       q16, hist, err_part, esc_count, esc_pos, esc_val, ESCAPE_CAPACITY,
+                                       HAS_REF=delta, WRITE_REF=keep, BINS=HIST_BINS, EXACT=EXACT_TOKENS,
+                                       MAXE=MAX_EXP, ESC=ESCAPE, **grid.args())
+    freq = normalize_counts(hist.view(N_BUCKETS, 64)[:, :ALPHABET])
+
+    # 4. rANS, sized for the most loud rows; the sizes come back in one small copy
+    s = settings
+    min_steps = s.min_steps or 1024
+    geo = Geometry.for_count(max_rows * p.channels, s.lanes, min(min_steps, s.max_steps), s.max_steps)
+    n_dev = (p.fixed_rows + n_loud) * p.channels
+    buf, counts, states = entropy_triton.encode(q16, n_dev, buckets, p.text_rows, p.fixed_rows, freq, geo)
+    meta = torch.cat([counts.sum(dtype=torch.int64).reshape(1), esc_count.to(torch.int64), n_loud.reshape(1).long(),
+                      step.reshape(1).view(torch.int32).long(), tot_sq.reshape(1).view(torch.int64),
+                      err_part.sum(dtype=torch.float64).reshape(1).view(torch.int64), (freq.sum(-1) > 0).long(),
+                      loud_idx]).cpu()
+    total_words, n_esc, n_loud_host = int(meta[0]), int(meta[1]), int(meta[2])
+    if not math.isfinite(float(meta[4:5].view(torch.float64))):
+        raise _non_finite()
+    if n_esc > ESCAPE_CAPACITY:
+        return None
+    loud = tuple(int(i) for i in meta[6 + N_BUCKETS:6 + N_BUCKETS + n_loud_host])
+    p = Layout(p.batch, p.tokens, p.channels, p.n_txt, p.h, p.w, loud)
+    n = p.n_coef
+    used_groups = max(1, -(-n // (geo.steps * geo.lanes)))
+    geo = Geometry(n, geo.lanes, geo.steps, used_groups)
+    words = entropy_triton.gather_words(buf[:used_groups], counts[:used_groups], total_words)
+    order = esc_pos[:n_esc].argsort()
+    out = {
+        "layout": p, "step": float(meta[3:4].to(torch.int32).view(torch.float32)), "center": None if delta else center,
+        "shifts": shifts.to(torch.uint8), "buckets": buckets, "freq": freq, "geo": geo,
+        "group_words": counts[:used_groups], "states": states[:used_groups], "words": words,
+        "esc_pos": esc_pos[:n_esc][order], "esc_val": esc_val[:n_esc][order],
+        "coef_err": math.sqrt(max(float(meta[5:6].view(torch.float64)), 0.0)),
+        "norm": math.sqrt(float(meta[4:5].view(torch.float64))),
+    }
+    if keep:
+        out["reference"] = {"coef": new_ref[:n], "center": center, "loud_idx": loud_idx}
+    return out
+
+
+def _non_finite():
+    from .base import CodecError
+    return CodecError("cannot encode NaN or Inf values; send this tensor with the raw codec")
+
+
+def decode(pieces: dict, layout: Layout, geo: Geometry, center: torch.Tensor, reference: torch.Tensor | None,
+           keep: bool, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Decode on a CUDA device; arguments as gpu_reference.decode. Corrupt contents do
+    not raise here: they set the returned flag (a device tensor the caller reads once).
+    -> ((B, T, C) in out_dtype, the new reference coefficients when `keep`, flag)."""
+    p = layout
+    device = pieces["words"].device
+    bad = torch.zeros(1, dtype=torch.int32, device=device)
+    shifts = pieces["shifts"].to(torch.int64)
+    bad |= (shifts > MAX_SHIFT).any().to(torch.int32)
+    steps_c = channel_steps(pieces["step"].reshape(()), shifts.clamp(max=MAX_SHIFT)).contiguous()
+    freq = pieces["freq"]
+    total = freq.sum(-1)
+    bad |= ((freq < 0).any() | ((total != 0) & (total != 4096)).any()).to(torch.int32)
+    group_words = pieces["group_words"]
+    bad |= ((group_words < 0).any() | (group_words.sum(dtype=torch.int64) != pieces["words"].numel())).to(torch.int32)
+    coef = entropy_triton.decode(pieces["words"], group_words, pieces["states"], pieces["buckets"], p.text_rows,
+                                 p.fixed_rows, freq, steps_c, geo, bad)
+    esc_pos = pieces["esc_pos"]
+    if esc_pos.numel():
+        inside = (esc_pos >= 0) & (esc_pos < p.n_coef)
+        bad |= (~inside).any().to(torch.int32)
+        coef[torch.where(inside, esc_pos, 0)] = torch.where(inside, pieces["esc_val"], coef[0])
+    new_ref = torch.empty_like(coef) if keep else None
+    grid = _Grid(p, device)
+    loud_idx = pieces["loud"]
+    out = torch.empty(p.batch * p.tokens, p.channels, dtype=out_dtype, device=device)
+    _inverse_kernel[(grid.programs,)](coef, reference if reference is not None else coef,
+                                      new_ref if new_ref is not None else coef, center.contiguous(),
+                                      _loud_mask(loud_idx, p.image_tokens), loud_idx, len(p.loud), grid.d2, out,
+                                      HAS_REF=reference is not None, WRITE_REF=keep, **grid.args())
+    return out, new_ref, bad

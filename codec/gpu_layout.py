@@ -1,0 +1,267 @@
+"""Where the `gpu` codec's coefficients come from and go, shared by its two backends.
+
+A (B, T, C) carry becomes rows of C coefficients (channels innermost), in this order:
+
+    text rows   B * n_txt          tokens as they are (every token when there is no grid)
+    block rows  B * hb * wb * 64   an orthonormal 8x8 DCT per channel over the image grid
+                                   (replicate-padded to multiples of 8); rows u*8+v
+    loud rows   len(loud)          high-norm image tokens, coded outside the transform
+
+Loud rows come last so that the other rows' positions do not depend on how many there
+are: the fused encoder finds them on the GPU and only learns their count at the end.
+
+Each row has a class: the DCT band of its frequency (0..4, by u + v), text, or loud.
+A symbol's context table is `bucket[class, channel]`.
+
+The step sizes are bfloat16 values (8 significant bits) scaled by powers of two: then
+q * step is exact in float32 for every |q| < 2^15, so the reconstruction, and the
+temporal reference built from it, is the same bits on every device and with or without
+fused multiply-adds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .base import TokenLayout
+
+BLOCK = 8  # DCT block side, tokens
+ROWS_PER_BLOCK = BLOCK * BLOCK
+N_BUCKETS = 32  # context tables
+BUCKET_OFFSET = 10  # bucket = round(2 log2(rms / step)) + offset
+N_BANDS = 5  # classes 0..4: DCT frequency bands by u + v
+TEXT_CLASS = 5
+LOUD_CLASS = 6
+N_CLASSES = 7
+LOUD_FACTOR = 4.0  # image tokens this many times the median centred token norm are loud
+MAX_LOUD_FRACTION = 1 / 64  # at most this share of image tokens
+MAX_SHIFT = 15  # per-channel steps go down to step / 2^15
+STATS_ROWS = 512  # tokens sampled for each channel's median centre and spread
+
+
+def band_of_frequency(u_plus_v: int) -> int:
+    """Band of DCT frequency (u, v) by u + v: 0 | 1-2 | 3-5 | 6-9 | 10-14."""
+    return (u_plus_v >= 1) + (u_plus_v >= 3) + (u_plus_v >= 6) + (u_plus_v >= 10)
+
+
+@dataclass(frozen=True)
+class Layout:
+    batch: int
+    tokens: int
+    channels: int
+    n_txt: int  # untransformed tokens per batch item (all tokens without a grid)
+    h: int
+    w: int  # image grid (0 x 0 without)
+    loud: tuple = ()  # flat (batch * h * w) indices of loud image tokens, ascending
+
+    @property
+    def hb(self) -> int:
+        return -(-self.h // BLOCK)
+
+    @property
+    def wb(self) -> int:
+        return -(-self.w // BLOCK)
+
+    @property
+    def text_rows(self) -> int:
+        return self.batch * self.n_txt
+
+    @property
+    def block_rows(self) -> int:
+        return self.batch * self.hb * self.wb * ROWS_PER_BLOCK if self.h else 0
+
+    @property
+    def fixed_rows(self) -> int:
+        """Rows before the loud ones."""
+        return self.text_rows + self.block_rows
+
+    @property
+    def rows(self) -> int:
+        return self.fixed_rows + len(self.loud)
+
+    @property
+    def n_coef(self) -> int:
+        return self.rows * self.channels
+
+    @property
+    def image_tokens(self) -> int:
+        return self.batch * self.h * self.w
+
+    @property
+    def loud_capacity(self) -> int:
+        return max(1, int(self.image_tokens * MAX_LOUD_FRACTION)) if self.h else 0
+
+    def same_shape(self, other: "Layout | None") -> bool:
+        return other is not None and (self.batch, self.tokens, self.channels, self.n_txt, self.h, self.w) == (
+            other.batch, other.tokens, other.channels, other.n_txt, other.h, other.w)
+
+    def rows_per_class(self, n_loud=None) -> list:
+        """How many rows each class has (`n_loud` may be a device tensor)."""
+        per_band = [0] * N_BANDS
+        for u in range(BLOCK):
+            for v in range(BLOCK):
+                per_band[band_of_frequency(u + v)] += self.block_rows // ROWS_PER_BLOCK
+        return per_band + [self.text_rows, len(self.loud) if n_loud is None else n_loud]
+
+
+def make_layout(shape: tuple[int, ...], hint: TokenLayout | None, use_grid: bool = True) -> Layout:
+    channels = shape[-1] if shape else 1
+    tokens = shape[-2] if len(shape) >= 2 else 1
+    batch = math.prod(shape[:-2]) if len(shape) > 2 else 1
+    if use_grid and hint is not None and hint.tokens == tokens and hint.h > 0 and hint.w > 0:
+        return Layout(batch, tokens, channels, hint.n_txt, hint.h, hint.w)
+    return Layout(batch, tokens, channels, tokens, 0, 0)
+
+
+# ---------------------------------------------------------------- transform
+
+
+def dct_matrix(n: int = BLOCK, device=None) -> torch.Tensor:
+    """Orthonormal DCT-II matrix (rows are frequencies), float32."""
+    k = torch.arange(n, dtype=torch.float64)
+    m = torch.cos(math.pi * (2 * k[None, :] + 1) * k[:, None] / (2 * n)) * math.sqrt(2 / n)
+    m[0] /= math.sqrt(2)
+    return m.to(torch.float32).to(device)
+
+
+def dct2_matrix(device=None) -> torch.Tensor:
+    """(64, 64): block-frequency row u*8+v from token row i*8+j of one 8x8 block."""
+    d = dct_matrix(device=None).double()
+    return torch.kron(d, d).to(torch.float32).to(device)
+
+
+def band_of_rows(device=None) -> torch.Tensor:
+    """(64,) band class of each block row u*8+v."""
+    return torch.tensor([band_of_frequency(r // BLOCK + r % BLOCK) for r in range(ROWS_PER_BLOCK)],
+                        dtype=torch.int64, device=device)
+
+
+def row_classes(layout: Layout, device=None) -> torch.Tensor:
+    """Class of every row, in row order."""
+    blocks = layout.block_rows // ROWS_PER_BLOCK
+    return torch.cat([torch.full((layout.text_rows,), TEXT_CLASS, dtype=torch.int64, device=device),
+                      band_of_rows(device).repeat(blocks),
+                      torch.full((len(layout.loud),), LOUD_CLASS, dtype=torch.int64, device=device)])
+
+
+def symbol_contexts(layout: Layout, buckets: torch.Tensor) -> torch.Tensor:
+    """(n_coef,) context table of every coefficient: bucket[class of its row, channel]."""
+    cls = row_classes(layout, buckets.device)
+    return buckets.to(torch.int64)[cls].reshape(-1)
+
+
+def forward(centred: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """Reference transform: centred (B, T, C) -> flat coefficients in row order. Loud
+    tokens leave the grid (zero, the centre, takes their place) and get rows of their own."""
+    p = layout
+    text = centred[:, : p.n_txt].reshape(-1)
+    if not p.h:
+        return text
+    img = centred[:, p.n_txt:].reshape(p.image_tokens, p.channels)
+    loud = torch.tensor(p.loud, dtype=torch.int64, device=centred.device)
+    loud_values = img[loud]
+    if p.loud:
+        img = img.clone()
+        img[loud] = 0.0
+    img = img.reshape(p.batch, p.h, p.w, p.channels).permute(0, 3, 1, 2)
+    img = torch.nn.functional.pad(img, (0, p.wb * BLOCK - p.w, 0, p.hb * BLOCK - p.h), mode="replicate")
+    img = img.reshape(p.batch, p.channels, p.hb, BLOCK, p.wb, BLOCK)
+    d = dct_matrix(device=centred.device)
+    coef = torch.einsum("ui,bchiwj,vj->bhwuvc", d, img, d)
+    return torch.cat([text, coef.reshape(-1), loud_values.reshape(-1)])
+
+
+def inverse(coef: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """Reference inverse of `forward`: flat coefficients -> centred (B, T, C)."""
+    p = layout
+    n_text = p.text_rows * p.channels
+    text = coef[:n_text].reshape(p.batch, p.n_txt, p.channels)
+    if not p.h:
+        return text
+    n_blocks = p.block_rows * p.channels
+    c = coef[n_text:n_text + n_blocks].reshape(p.batch, p.hb, p.wb, BLOCK, BLOCK, p.channels)
+    d = dct_matrix(device=coef.device)
+    img = torch.einsum("ui,bhwuvc,vj->bhiwjc", d, c, d).reshape(p.batch, p.hb * BLOCK, p.wb * BLOCK, p.channels)
+    img = img[:, : p.h, : p.w].reshape(p.image_tokens, p.channels)
+    if p.loud:
+        img[torch.tensor(p.loud, dtype=torch.int64, device=coef.device)] = \
+            coef[n_text + n_blocks:].reshape(len(p.loud), p.channels)
+    return torch.cat([text, img.reshape(p.batch, p.h * p.w, p.channels)], dim=1)
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def sample_rows(x: torch.Tensor) -> torch.Tensor:
+    """At most STATS_ROWS evenly spaced tokens of (B, T, C) as float32 rows: medians over
+    them are as good for a centre and a spread (both are sent, not recomputed), and a
+    sort of 4608 rows costs 13 ms on a GPU."""
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.shape[0] > STATS_ROWS:
+        idx = torch.linspace(0, flat.shape[0] - 1, STATS_ROWS, device=flat.device).round().long()
+        flat = flat[idx]
+    return flat.float()
+
+
+def channel_centre(rows: torch.Tensor) -> torch.Tensor:
+    """Median of each channel, rounded to bf16 so both ends subtract the same value."""
+    return rows.median(dim=0).values.to(torch.bfloat16).float()
+
+
+def channel_spread(centred_rows: torch.Tensor) -> torch.Tensor:
+    """Robust spread of each channel (1.4826 x median absolute deviation), (C,)."""
+    mad = 1.4826 * centred_rows.abs().median(dim=0).values
+    # A channel whose values mostly sit on one bf16 value (a massive channel on a large
+    # offset) has MAD 0 though it varies: fall back to its RMS deviation.
+    return torch.where(mad > 0, mad, centred_rows.pow(2).mean(dim=0).sqrt())
+
+
+def find_loud(token_sq: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loud image tokens from each image token's centred squared norm, on the device.
+
+    -> (indices, count): `loud_capacity` flat image-token indices, the loud ones first
+    and ascending, the rest -1; `count` a 0-d tensor. No host round trip.
+    """
+    cap = layout.loud_capacity
+    limit = (LOUD_FACTOR ** 2) * token_sq.median()
+    top = torch.topk(token_sq, min(cap, token_sq.numel()))
+    big = torch.iinfo(torch.int64).max
+    keyed = torch.where(top.values > limit, top.indices, torch.full_like(top.indices, big))
+    ordered = keyed.sort().values
+    count = (ordered != big).sum()
+    idx = torch.full((cap,), -1, dtype=torch.int64, device=token_sq.device)
+    idx[: ordered.numel()] = torch.where(ordered != big, ordered, torch.full_like(ordered, -1))
+    return idx, count
+
+
+def round_step(step: torch.Tensor) -> torch.Tensor:
+    """Step sizes as bf16 values (see the module doc: q * step stays exact)."""
+    return step.to(torch.bfloat16).float()
+
+
+def channel_shifts(step: torch.Tensor, spread: torch.Tensor, floor: float) -> torch.Tensor:
+    """Per channel k >= 0 such that step / 2^k <= floor * spread: no channel is coded coarser
+    than its own `channel_rel_err` allows, however quiet it is next to the loud ones.
+    `step` (...,) gives (..., C)."""
+    step = step[..., None]
+    if floor <= 0:
+        return torch.zeros(step.shape[:-1] + spread.shape, dtype=torch.int64, device=spread.device)
+    ratio = step / (floor * spread.clamp(min=1e-30))
+    k = torch.ceil(torch.log2(ratio.clamp(min=1.0)))
+    return torch.where(spread > 0, k, torch.zeros_like(k)).clamp(0, MAX_SHIFT).to(torch.int64)
+
+
+def channel_steps(step: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """step / 2^shift, exact in float32 (a power-of-two scaling of a bf16 value)."""
+    return step[..., None] * torch.pow(2.0, -shifts.float())
+
+
+def context_buckets(sq: torch.Tensor, rows_per_class: torch.Tensor, steps_c: torch.Tensor) -> torch.Tensor:
+    """(N_CLASSES, C) context table per (class, channel), from the RMS of its coefficients
+    in units of that channel's step: each rANS table codes a similar distribution."""
+    rms = (sq / rows_per_class.clamp(min=1)[:, None]).sqrt()
+    bucket = (2 * torch.log2(rms / steps_c + 1e-30)).round().add(BUCKET_OFFSET).clamp(0, N_BUCKETS - 1)
+    return bucket.to(torch.uint8)
