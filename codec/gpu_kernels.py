@@ -28,7 +28,7 @@ import torch
 
 from . import entropy_triton
 from .entropy import ALPHABET, ESCAPE, EXACT_TOKENS, MAX_EXP, Geometry, normalize_counts
-from .gpu_layout import (LOUD_CLASS, MAX_SHIFT, N_BUCKETS, N_CLASSES, ROWS_PER_BLOCK, TEXT_CLASS, Layout,
+from .gpu_layout import (MAX_SHIFT, N_BUCKETS, N_CLASSES, ROWS_PER_BLOCK, TEXT_CLASS, Layout,
                          channel_centre, channel_shifts, channel_spread, channel_steps,
                          context_buckets, dct2_matrix, find_loud, round_step, sample_rows)
 
@@ -42,7 +42,9 @@ except ImportError:  # pragma: no cover - depends on the machine
 CANDIDATES = 16  # steps tried per fit pass
 COARSE_RATIO = 2 ** 0.5  # spacing of the first pass's candidates
 FINE_RATIO = 2 ** (1 / 32)  # ... and of the second's
-SAMPLE_PROGRAMS = 2048  # the first pass looks at about this many (tile, channel group)s
+COARSE_PROGRAMS = 256  # the first fit pass looks at about this many (tile, channel group)s,
+FINE_PROGRAMS = 512  # the second at about this many,
+HIST_PROGRAMS = 512  # and the symbol histogram (the rANS tables) at about this many
 CHANNEL_BLOCK = 64  # channels per tile
 CHUNKS = 4  # channel blocks per program (fewer atomics for the histogram)
 HIST_BINS = N_BUCKETS * 64  # (context, token) bins; token 63 of each context is unused
@@ -70,8 +72,8 @@ if triton is not None:
         if tile < TEXT_TILES:
             row = tile * 64 + r
             ok = row < TEXT_ROWS
-            b = row // N_TXT
-            xrow = b * T + (row - b * N_TXT)
+            tb = row // N_TXT
+            xrow = tb * T + (row - tb * N_TXT)
             sym = row
             cls = tl.full((64,), TEXT, tl.int32)
             own = tl.where(ok, xrow, -1)
@@ -80,13 +82,13 @@ if triton is not None:
             bt = tile - TEXT_TILES
             bj = bt % WB
             bi = (bt // WB) % HB
-            b = bt // (WB * HB)
+            bb = bt // (WB * HB)
             yy = bi * 8 + r // 8
             xx = bj * 8 + r % 8
             yc = tl.minimum(yy, H - 1)
             xc = tl.minimum(xx, W - 1)
-            img = (b * H + yc) * W + xc
-            xrow = b * T + N_TXT + yc * W + xc
+            img = (bb * H + yc) * W + xc
+            xrow = bb * T + N_TXT + yc * W + xc
             sym = TEXT_ROWS + bt * 64 + r
             ok = r < 64
             s = r // 8 + r % 8
@@ -96,8 +98,8 @@ if triton is not None:
             k = (tile - TEXT_TILES - BLOCK_TILES) * 64 + r
             ok = k < n_loud
             img = tl.load(loud_idx_ptr + k, mask=ok, other=0).to(tl.int32)
-            b = img // (H * W)
-            xrow = b * T + N_TXT + (img - b * H * W)
+            lb = img // (H * W)
+            xrow = lb * T + N_TXT + (img - lb * H * W)
             sym = FIXED_ROWS + k
             cls = tl.full((64,), LOUD, tl.int32)
             own = tl.where(ok, xrow, -1)
@@ -118,7 +120,7 @@ if triton is not None:
 
     @triton.jit
     def _fit_kernel(x_ptr, center_ptr, loud_mask_ptr, loud_idx_ptr, n_loud_ptr, d2_ptr, ref_ptr, steps_ptr, inv_ptr,
-                    err_ptr, sq_ptr, STRIDE, N_PROGRAMS, GROUPS, T, N_TXT, H, W, HB, WB, TEXT_TILES, BLOCK_TILES,
+                    err_ptr, sq_ptr, count_ptr, STRIDE, N_PROGRAMS, GROUPS, T, N_TXT, H, W, HB, WB, TEXT_TILES, BLOCK_TILES,
                     TEXT_ROWS, FIXED_ROWS, C: tl.constexpr, CB: tl.constexpr, CHUNKS: tl.constexpr,
                     K: tl.constexpr, HAS_REF: tl.constexpr, SQ: tl.constexpr, TEXT: tl.constexpr,
                     LOUD: tl.constexpr, NCLS: tl.constexpr, PREC: tl.constexpr):
@@ -143,11 +145,14 @@ if triton is not None:
             m = ok[:, None] & cm[None, :]
             if HAS_REF:
                 coef -= tl.load(ref_ptr + sym.to(tl.int64)[:, None] * C + ch[None, :], mask=m, other=0.0)
-            if SQ:
+            if SQ:  # sampled: each cell's sum of squares and how many rows it saw
                 sq = coef * coef
                 for c in tl.static_range(NCLS):
-                    part = tl.sum(tl.where((cls == c)[:, None], sq, 0.0), 0)
-                    tl.atomic_add(sq_ptr + c * C + ch, part, mask=cm & (part != 0))
+                    in_class = ok & (cls == c)
+                    n_rows = tl.sum(in_class.to(tl.float32), 0)
+                    if n_rows > 0:
+                        tl.atomic_add(sq_ptr + c * C + ch, tl.sum(tl.where(in_class[:, None], sq, 0.0), 0), mask=cm)
+                        tl.atomic_add(count_ptr + c * C + ch, tl.zeros((CB,), tl.float32) + n_rows, mask=cm)
             for k in tl.static_range(K):
                 s = tl.load(steps_ptr + k * C + ch, mask=cm, other=1.0)
                 inv = tl.load(inv_ptr + k * C + ch, mask=cm, other=1.0)
@@ -159,7 +164,7 @@ if triton is not None:
     @triton.jit
     def _quantise_kernel(x_ptr, center_ptr, loud_mask_ptr, loud_idx_ptr, n_loud_ptr, d2_ptr, ref_ptr, new_ref_ptr, steps_ptr,
                          inv_ptr, bucket_ptr, q_ptr, hist_ptr, err_ptr, esc_count_ptr, esc_pos_ptr, esc_val_ptr,
-                         ESC_CAP, GROUPS, T, N_TXT, H, W, HB, WB, TEXT_TILES, BLOCK_TILES, TEXT_ROWS, FIXED_ROWS,
+                         ESC_CAP, HIST_STRIDE, GROUPS, T, N_TXT, H, W, HB, WB, TEXT_TILES, BLOCK_TILES, TEXT_ROWS, FIXED_ROWS,
                          C: tl.constexpr, CB: tl.constexpr, CHUNKS: tl.constexpr, HAS_REF: tl.constexpr,
                          WRITE_REF: tl.constexpr, BINS: tl.constexpr, TEXT: tl.constexpr, LOUD: tl.constexpr,
                          EXACT: tl.constexpr, MAXE: tl.constexpr, ESC: tl.constexpr, PREC: tl.constexpr):
@@ -200,10 +205,12 @@ if triton is not None:
                 keep = esc & (slot < ESC_CAP)
                 tl.store(esc_pos_ptr + slot, at, mask=keep)
                 tl.store(esc_val_ptr + slot, coef, mask=keep)
-            tok, nr, raw = tokenize(q, EXACT, MAXE, ESC)
-            b = tl.load(bucket_ptr + cls[:, None] * C + ch[None, :], mask=m, other=0).to(tl.int32)
-            hist += tl.histogram(tl.reshape(tl.where(m, b * 64 + tok, 63), [64 * CB]), BINS)
-        tl.atomic_add(hist_ptr + tl.arange(0, BINS), hist, mask=hist > 0)
+            if p % HIST_STRIDE == 0:  # the frequency tables come from a sample of the programs
+                tok, nr, raw = tokenize(q, EXACT, MAXE, ESC)
+                b = tl.load(bucket_ptr + cls[:, None] * C + ch[None, :], mask=m, other=0).to(tl.int32)
+                hist += tl.histogram(tl.reshape(tl.where(m, b * 64 + tok, 63), [64 * CB]), BINS)
+        if p % HIST_STRIDE == 0:
+            tl.atomic_add(hist_ptr + tl.arange(0, BINS), hist, mask=hist > 0)
         tl.store(err_ptr + p, tl.sum(err, 0))
 
     @triton.jit
@@ -291,17 +298,29 @@ def _loud_mask(loud_idx: torch.Tensor, image_tokens: int) -> torch.Tensor:
     return mask[:image_tokens] if image_tokens else torch.zeros(1, dtype=torch.uint8, device=loud_idx.device)
 
 
+def _sample_stride(programs: int, wanted: int) -> int:
+    """A stride that visits about `wanted` of `programs` (tile, channel group)s, each once
+    and every channel group among them: coprime with the program count."""
+    stride = max(1, programs // wanted)
+    while stride > 1 and math.gcd(stride, programs) != 1:
+        stride -= 1
+    return stride
+
+
 def _fit(grid: _Grid, common: dict, x, ref, spread, floor, target_sq, stride: int, candidates,
-         sq: torch.Tensor | None):
-    """One fit pass: the squared error of each candidate step (K,) over the sampled programs."""
+         cells: tuple | None):
+    """One fit pass: the largest candidate step whose squared error (measured on the
+    sampled programs, scaled up) is within the target; with `cells`, each (class,
+    channel)'s sum of squares and row count over the sample are added to them."""
     shifts = channel_shifts(candidates, spread, floor)
     steps = channel_steps(candidates, shifts).contiguous()
     inv = (1.0 / steps).contiguous()
     n_prog = -(-grid.programs // stride)
     part = torch.empty(n_prog, CANDIDATES, dtype=torch.float32, device=x.device)
-    _fit_kernel[(n_prog,)](x, *common["pointers"], ref if ref is not None else x, steps, inv, part,
-                           sq if sq is not None else part, stride, grid.programs, K=CANDIDATES,
-                           HAS_REF=ref is not None, SQ=sq is not None, NCLS=N_CLASSES, **grid.args())
+    sq, count = cells if cells is not None else (part, part)
+    _fit_kernel[(n_prog,)](x, *common["pointers"], ref if ref is not None else x, steps, inv, part, sq, count,
+                           stride, grid.programs, K=CANDIDATES, HAS_REF=ref is not None, SQ=cells is not None,
+                           NCLS=N_CLASSES, **grid.args())
     err = part.sum(0, dtype=torch.float64) * (grid.programs / n_prog)
     ok = err <= target_sq
     # largest candidate within the target (candidates ascend), else the smallest
@@ -316,7 +335,6 @@ def encode(x: torch.Tensor, layout: Layout, settings, reference: dict | None, ke
     device = x.device
     p = layout
     delta = reference is not None
-    rows_per_class = torch.tensor(p.rows_per_class(0), dtype=torch.float32, device=device)  # before any kernel
     rows = sample_rows(x)
     if delta:
         center, loud_idx = reference["center"], reference["loud_idx"]
@@ -346,18 +364,16 @@ def encode(x: torch.Tensor, layout: Layout, settings, reference: dict | None, ke
     step0 = settings.rel_err * torch.sqrt(tot_sq * 12.0 / max(numel, 1)).float()
     k = torch.arange(CANDIDATES, device=device, dtype=torch.float32)
     coarse = round_step(step0 * COARSE_RATIO ** (k - 4))
-    stride = max(1, grid.programs // SAMPLE_PROGRAMS)
-    if stride > 1 and math.gcd(stride, grid.programs) != 1:
-        stride += 1 if math.gcd(stride + 1, grid.programs) == 1 else -1  # visit distinct programs
-    best, *_ = _fit(grid, common, x, ref, spread, floor, target_sq, stride, coarse, None)
+    best, *_ = _fit(grid, common, x, ref, spread, floor, target_sq, _sample_stride(grid.programs, COARSE_PROGRAMS),
+                    coarse, None)
     fine = round_step(coarse[best] * FINE_RATIO ** (k - 4))
-    sq = torch.zeros(N_CLASSES, p.channels, dtype=torch.float32, device=device)
-    best, shifts, steps, inv = _fit(grid, common, x, ref, spread, floor, target_sq, 1, fine, sq)
+    cells = torch.zeros(2, N_CLASSES, p.channels, dtype=torch.float32, device=device)
+    best, shifts, steps, inv = _fit(grid, common, x, ref, spread, floor, target_sq,
+                                    _sample_stride(grid.programs, FINE_PROGRAMS), fine, (cells[0], cells[1]))
     step, shifts, steps_c, inv_c = fine[best], shifts[best], steps[best].contiguous(), inv[best].contiguous()
 
     # 3. contexts and quantisation
-    rows_per_class[LOUD_CLASS] = n_loud.float()
-    buckets = context_buckets(sq, rows_per_class, steps_c).contiguous()
+    buckets = context_buckets(cells[0], cells[1], steps_c).contiguous()
     max_rows = p.fixed_rows + p.loud_capacity
     q16 = torch.empty(max_rows * p.channels, dtype=torch.int16, device=device)
     hist = torch.zeros(HIST_BINS, dtype=torch.int32, device=device)
@@ -367,17 +383,26 @@ def encode(x: torch.Tensor, layout: Layout, settings, reference: dict | None, ke
     esc_val = torch.empty(ESCAPE_CAPACITY, dtype=torch.float32, device=device)
     # the new reference goes to a new buffer: the old one stays whole if this path gives up
     new_ref = torch.empty(max_rows * p.channels, dtype=torch.float32, device=device) if keep else None
+    hist_stride = _sample_stride(grid.programs, HIST_PROGRAMS)
     _quantise_kernel[(grid.programs,)](x, *common["pointers"], ref if ref is not None else x,
                                        new_ref if new_ref is not None else x, steps_c, inv_c, buckets,
-                                       q16, hist, err_part, esc_count, esc_pos, esc_val, ESCAPE_CAPACITY,
+                                       q16, hist, err_part, esc_count, esc_pos, esc_val, ESCAPE_CAPACITY, hist_stride,
                                        HAS_REF=delta, WRITE_REF=keep, BINS=HIST_BINS, EXACT=EXACT_TOKENS,
                                        MAXE=MAX_EXP, ESC=ESCAPE, **grid.args())
-    freq = normalize_counts(hist.view(N_BUCKETS, 64)[:, :ALPHABET])
+    counts = hist.view(N_BUCKETS, 64)[:, :ALPHABET].to(torch.int64)
+    if hist_stride > 1:
+        # Sampled counts: every symbol of every table in use keeps a frequency (a symbol the
+        # sample missed must still be codable; it costs about 1% of the rate).
+        used = torch.bincount(buckets.reshape(-1).long(), minlength=N_BUCKETS) > 0
+        counts = torch.where(used[:, None], counts * hist_stride + 1, 0)
+    freq = normalize_counts(counts)
 
     # 4. rANS, sized for the most loud rows; the sizes come back in one small copy
     s = settings
     min_steps = s.min_steps or 1024
-    geo = Geometry.for_count(max_rows * p.channels, s.lanes, min(min_steps, s.max_steps), s.max_steps)
+    # as many groups (warps) as min_steps allows: the kernels are latency-bound
+    geo = Geometry.for_count(max_rows * p.channels, s.lanes, min(min_steps, s.max_steps), s.max_steps,
+                             target_groups=1 << 30)
     n_dev = (p.fixed_rows + n_loud) * p.channels
     buf, counts, states = entropy_triton.encode(q16, n_dev, buckets, p.text_rows, p.fixed_rows, freq, geo)
     meta = torch.cat([counts.sum(dtype=torch.int64).reshape(1), esc_count.to(torch.int64), n_loud.reshape(1).long(),

@@ -98,14 +98,6 @@ class Layout:
         return other is not None and (self.batch, self.tokens, self.channels, self.n_txt, self.h, self.w) == (
             other.batch, other.tokens, other.channels, other.n_txt, other.h, other.w)
 
-    def rows_per_class(self, n_loud=None) -> list:
-        """How many rows each class has (`n_loud` may be a device tensor)."""
-        per_band = [0] * N_BANDS
-        for u in range(BLOCK):
-            for v in range(BLOCK):
-                per_band[band_of_frequency(u + v)] += self.block_rows // ROWS_PER_BLOCK
-        return per_band + [self.text_rows, len(self.loud) if n_loud is None else n_loud]
-
 
 def make_layout(shape: tuple[int, ...], hint: TokenLayout | None, use_grid: bool = True) -> Layout:
     channels = shape[-1] if shape else 1
@@ -206,14 +198,20 @@ def sample_rows(x: torch.Tensor) -> torch.Tensor:
     return flat.float()
 
 
+def _column_medians(rows: torch.Tensor) -> torch.Tensor:
+    """torch.median(dim=0) (the lower median), by a sort along contiguous rows: on a GPU
+    median(dim=0) of 512 x 6144 took 0.24 ms, a segmented sort a fraction of that."""
+    return rows.t().contiguous().sort(dim=-1).values[:, (rows.shape[0] - 1) // 2]
+
+
 def channel_centre(rows: torch.Tensor) -> torch.Tensor:
     """Median of each channel, rounded to bf16 so both ends subtract the same value."""
-    return rows.median(dim=0).values.to(torch.bfloat16).float()
+    return _column_medians(rows).to(torch.bfloat16).float()
 
 
 def channel_spread(centred_rows: torch.Tensor) -> torch.Tensor:
     """Robust spread of each channel (1.4826 x median absolute deviation), (C,)."""
-    mad = 1.4826 * centred_rows.abs().median(dim=0).values
+    mad = 1.4826 * _column_medians(centred_rows.abs())
     # A channel whose values mostly sit on one bf16 value (a massive channel on a large
     # offset) has MAD 0 though it varies: fall back to its RMS deviation.
     return torch.where(mad > 0, mad, centred_rows.pow(2).mean(dim=0).sqrt())
@@ -259,9 +257,10 @@ def channel_steps(step: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
     return step[..., None] * torch.pow(2.0, -shifts.float())
 
 
-def context_buckets(sq: torch.Tensor, rows_per_class: torch.Tensor, steps_c: torch.Tensor) -> torch.Tensor:
+def context_buckets(sq: torch.Tensor, rows: torch.Tensor, steps_c: torch.Tensor) -> torch.Tensor:
     """(N_CLASSES, C) context table per (class, channel), from the RMS of its coefficients
-    in units of that channel's step: each rANS table codes a similar distribution."""
-    rms = (sq / rows_per_class.clamp(min=1)[:, None]).sqrt()
+    (`sq` their sum of squares over `rows` rows, (N_CLASSES, C) or (N_CLASSES, 1)) in units
+    of that channel's step: each rANS table codes a similar distribution."""
+    rms = (sq / rows.clamp(min=1)).sqrt()
     bucket = (2 * torch.log2(rms / steps_c + 1e-30)).round().add(BUCKET_OFFSET).clamp(0, N_BUCKETS - 1)
     return bucket.to(torch.uint8)

@@ -72,7 +72,7 @@ def encode(x: torch.Tensor, layout: Layout, settings, reference: dict | None, ke
 
     cls = row_classes(p, device)
     sq = torch.zeros(N_CLASSES, p.channels, device=device).index_add_(0, cls, coef2d * coef2d)
-    buckets = context_buckets(sq, torch.bincount(cls, minlength=N_CLASSES).float(), steps_c)
+    buckets = context_buckets(sq, torch.bincount(cls, minlength=N_CLASSES).float()[:, None], steps_c)
     ctx = symbol_contexts(p, buckets)
     # bincount, not index_put_(accumulate=True): on CUDA the latter sorts (0.6 s for 28 M symbols)
     counts = torch.bincount(ctx * ALPHABET + token, minlength=N_BUCKETS * ALPHABET).view(N_BUCKETS, ALPHABET)
