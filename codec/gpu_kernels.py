@@ -28,7 +28,7 @@ import torch
 
 from . import entropy_triton
 from .entropy import ALPHABET, ESCAPE, EXACT_TOKENS, MAX_EXP, Geometry, normalize_counts
-from .gpu_layout import (MAX_SHIFT, N_BUCKETS, N_CLASSES, ROWS_PER_BLOCK, TEXT_CLASS, Layout,
+from .gpu_layout import (LOUD_CLASS, MAX_SHIFT, N_BUCKETS, N_CLASSES, ROWS_PER_BLOCK, TEXT_CLASS, Layout,
                          channel_centre, channel_shifts, channel_spread, channel_steps,
                          context_buckets, dct2_matrix, find_loud, round_step, sample_rows)
 
