@@ -52,6 +52,7 @@ ESCAPE_CAPACITY = 1 << 16  # escapes the fused encoder collects (more: the torch
 # tf32x3: three TF32 tensor-core products, about float32 accuracy (plain TF32 would add
 # a 5e-4 relative error to every coefficient).
 PRECISION = "tf32x3"
+NUM_WARPS = 4  # per tile program
 
 
 def available(device: torch.device) -> bool:
@@ -268,7 +269,7 @@ class _Grid:
         self.block_tiles = p.block_rows // ROWS_PER_BLOCK
         self.loud_tiles = -(-p.loud_capacity // 64)
         self.tiles = self.text_tiles + self.block_tiles + self.loud_tiles
-        self.groups = -(-p.channels // (CHANNEL_BLOCK * CHUNKS))
+        self.groups = -(-p.channels // (CHANNEL_BLOCK * CHUNKS))  # channel groups per tile
         self.programs = self.tiles * self.groups
         self.d2 = _dct2(device)
 
@@ -277,7 +278,7 @@ class _Grid:
         return dict(GROUPS=self.groups, T=p.tokens, N_TXT=p.n_txt, H=max(p.h, 1), W=max(p.w, 1), HB=max(p.hb, 1),
                     WB=max(p.wb, 1), TEXT_TILES=self.text_tiles, BLOCK_TILES=self.block_tiles,
                     TEXT_ROWS=p.text_rows, FIXED_ROWS=p.fixed_rows, C=p.channels, CB=CHANNEL_BLOCK, CHUNKS=CHUNKS,
-                    TEXT=TEXT_CLASS, LOUD=LOUD_CLASS, PREC=PRECISION)
+                    TEXT=TEXT_CLASS, LOUD=LOUD_CLASS, PREC=PRECISION, num_warps=NUM_WARPS)
 
 
 _DCT2: dict = {}
