@@ -46,10 +46,11 @@ class GpuSettings:
     temporal: bool = True
     #: rANS lanes per group (a power of two; 32 = one GPU warp), and at least / at most
     #: this many steps per lane (the encoder picks; the header records it). More steps:
-    #: smaller final-state overhead (4 bytes a lane); fewer: more parallel work. None
-    #: picks per device: 1024 on a GPU, 256 on a CPU (one batch of torch ops per step).
+    #: smaller final-state overhead (4 bytes a lane: 2 % of the ratio at 256 steps);
+    #: fewer: more lanes in parallel (on an H200, rANS decode of 28 M symbols took
+    #: 0.43 ms at 256 steps, 1.0 ms at 1024).
     lanes: int = 32
-    min_steps: int | None = None
+    min_steps: int = 256
     max_steps: int = 4096
     #: "auto": the fused Triton kernels on a CUDA device, torch ops elsewhere; "torch"
     #: forces the reference backend, "triton" the kernels (Triton's interpreter runs them
@@ -63,8 +64,8 @@ class GpuSettings:
             raise CodecError(f"gpu codec lanes must be a power of two in [1, 1024], got {self.lanes!r}")
         if self.backend not in ("auto", "torch", "triton"):
             raise CodecError(f"gpu codec backend must be auto, torch or triton, got {self.backend!r}")
-        if not (isinstance(self.max_steps, int) and (self.min_steps is None or isinstance(self.min_steps, int))
-                and 1 <= (self.min_steps or 1) <= self.max_steps <= 65536):
+        if not (isinstance(self.max_steps, int) and isinstance(self.min_steps, int)
+                and 1 <= self.min_steps <= self.max_steps <= 65536):
             raise CodecError(f"gpu codec steps need 1 <= min_steps <= max_steps <= 65536, got "
                              f"{self.min_steps!r}, {self.max_steps!r}")
 

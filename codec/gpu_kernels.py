@@ -407,10 +407,8 @@ def encode(x: torch.Tensor, layout: Layout, settings, reference: dict | None, ke
 
     # 4. rANS, sized for the most loud rows; the sizes come back in one small copy
     s = settings
-    min_steps = s.min_steps or 1024
     # as many groups (warps) as min_steps allows: the kernels are latency-bound
-    geo = Geometry.for_count(max_rows * p.channels, s.lanes, min(min_steps, s.max_steps), s.max_steps,
-                             target_groups=1 << 30)
+    geo = Geometry.for_count(max_rows * p.channels, s.lanes, s.min_steps, s.max_steps, target_groups=1 << 30)
     n_dev = (p.fixed_rows + n_loud) * p.channels
     buf, counts, states = entropy_triton.encode(q16, n_dev, buckets, p.text_rows, p.fixed_rows, freq, geo)
     meta = torch.cat([counts.sum(dtype=torch.int64).reshape(1), esc_count.to(torch.int64), n_loud.reshape(1).long(),

@@ -199,9 +199,9 @@ def sample_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _column_medians(rows: torch.Tensor) -> torch.Tensor:
-    """torch.median(dim=0) (the lower median), as a k-th value along contiguous rows: on
-    an H200 median(dim=0) of 512 x 6144 took 0.24 ms and a segmented sort 0.14 ms."""
-    return rows.t().contiguous().kthvalue((rows.shape[0] - 1) // 2 + 1, dim=-1).values
+    """torch.median(dim=0) (the lower median), by a sort along contiguous rows: for
+    512 x 6144 on an H200, 0.14 ms (median(dim=0) 0.24 ms, kthvalue 0.18 ms)."""
+    return rows.t().contiguous().sort(dim=-1).values[:, (rows.shape[0] - 1) // 2]
 
 
 def channel_centre(rows: torch.Tensor) -> torch.Tensor:

@@ -78,8 +78,7 @@ def encode(x: torch.Tensor, layout: Layout, settings, reference: dict | None, ke
     counts = torch.bincount(ctx * ALPHABET + token, minlength=N_BUCKETS * ALPHABET).view(N_BUCKETS, ALPHABET)
     freq = normalize_counts(counts)
     s = settings
-    min_steps = s.min_steps or (1024 if device.type == "cuda" else 256)
-    geo = Geometry.for_count(token.numel(), s.lanes, min(min_steps, s.max_steps), s.max_steps)
+    geo = Geometry.for_count(token.numel(), s.lanes, s.min_steps, s.max_steps)
     streams = rans_encode(token, n_raw, raw, ctx, freq, geo)
     esc_pos = torch.nonzero(token == ESCAPE).flatten()
     esc_val = coef[esc_pos]
@@ -102,7 +101,6 @@ def decode(pieces: dict, layout: Layout, geo: Geometry, center: torch.Tensor, re
     """The message's parts (tensors on the target device, sizes checked by gpu.py) ->
     ((B, T, C) in out_dtype, the new reference coefficients when `keep`)."""
     p = layout
-    dev = pieces["words"].device
     shifts = pieces["shifts"].to(torch.int64)
     buckets = pieces["buckets"].to(torch.int64)
     freq = pieces["freq"]

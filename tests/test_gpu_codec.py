@@ -142,7 +142,7 @@ def test_high_norm_tokens_are_coded_outside_the_transform():
 def test_temporal_mode_codes_the_change():
     spec = replace(SPEC, layout=TokenLayout(128, 40, 40), channels=192)  # big enough that side info is small
     a, b, c = synthetic_steps(spec, rho=0.95, steps=3)
-    codec = get("gpu", rel_err=0.05, min_steps=1024)  # the geometry a GPU encoder picks
+    codec = get("gpu", rel_err=0.05, min_steps=1024)  # long lanes: little side information at this size
     enc, dec = StreamState(), StreamState()
     key = codec.encode(a, state=enc, layout=spec.layout)
     assert key.header["stream"] == {"seq": 0, "delta": False, "ref": None}
