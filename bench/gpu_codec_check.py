@@ -57,30 +57,31 @@ def top_kernels(fn, n: int = 14) -> dict:
     return {e.key[:60]: round(e.self_device_time_total / 1e3, 3) for e in rows if e.self_device_time_total > 0}
 
 
-def kernels_match_reference(dev) -> bool:
-    """The Triton rANS kernels give the torch reference's bytes for one gpu-codec layout."""
+def kernels_match_reference(dev, side: int = 40, channels: int = 96, steps: int = 256) -> bool:
+    """The Triton rANS kernels give the torch reference's bytes for one gpu-codec layout
+    (64 text tokens, a side x side grid, two loud tokens)."""
     g = torch.Generator().manual_seed(0)
-    lay = Layout(1, 64 + 40 * 40, 96, 64, 40, 40, loud=(3, 77))
+    lay = Layout(1, 64 + side * side, channels, 64, side, side, loud=(3, 77))
     n = lay.n_coef
     q = (torch.randn(n, generator=g) * torch.exp(2 * torch.randn(n, generator=g))).round().clamp(-40000, 40000)
     q = torch.where(q.abs() >= 32768, torch.full_like(q, -32768), q).to(torch.int16)
-    buckets = torch.randint(0, 32, (N_CLASSES, 96), dtype=torch.uint8, generator=g)
+    buckets = torch.randint(0, 32, (N_CLASSES, channels), dtype=torch.uint8, generator=g)
     ctx = symbol_contexts(lay, buckets)
     tok, nr, raw = E.tokenize(q.long())
     counts = torch.bincount(ctx * E.ALPHABET + tok, minlength=32 * E.ALPHABET).view(32, E.ALPHABET)
     freq = E.normalize_counts(counts)
-    geo = E.Geometry.for_count(n, 32, 256, 256)
+    geo = E.Geometry.for_count(n, 32, steps, steps)
     ref = E.rans_encode(tok, nr, raw, ctx, freq, geo)
     buf, cnt, st = T.encode(q.to(dev), torch.tensor(n, device=dev), buckets.to(dev), lay.text_rows, lay.fixed_rows,
                             freq.to(dev), geo)
     words = T.gather_words(buf, cnt, int(cnt.sum())).cpu().long() & 0xFFFF
     same = torch.equal(words, ref.words) and torch.equal(st.cpu().long() & 0xFFFFFFFF, ref.states)
-    steps = torch.rand(96, generator=g) + 0.5
+    step_sizes = torch.rand(channels, generator=g) + 0.5
     bad = torch.zeros(1, dtype=torch.int32, device=dev)
     # int64 words and states wrap to int16 / int32 bit patterns, as they travel
     coef = T.decode(ref.words.to(torch.int16).to(dev), ref.group_words.int().to(dev), ref.states.to(torch.int32).to(dev),
-                    buckets.to(dev), lay.text_rows, lay.fixed_rows, freq.to(dev), steps.to(dev), geo, bad)
-    expect = (E.detokenize(tok, raw).float().view(-1, 96) * steps).reshape(-1)
+                    buckets.to(dev), lay.text_rows, lay.fixed_rows, freq.to(dev), step_sizes.to(dev), geo, bad)
+    expect = (E.detokenize(tok, raw).float().view(-1, channels) * step_sizes).reshape(-1)
     return bool(same and torch.equal(coef.cpu(), expect) and int(bad) == 0)
 
 

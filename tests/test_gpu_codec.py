@@ -5,6 +5,7 @@ Its torch ops run on any device; the fused Triton kernels must give the same byt
 """
 
 import os
+from pathlib import Path
 import subprocess
 import sys
 from dataclasses import replace
@@ -19,6 +20,7 @@ from comfy_mesh.codec import entropy as E
 
 from codec_messages import with_buffer
 
+BENCH = Path(__file__).resolve().parent.parent / "bench"
 SPEC = CorpusSpec(layout=TokenLayout(64, 24, 24), channels=128)
 
 
@@ -243,10 +245,10 @@ def _run_with_triton(code: str, marker: str) -> None:
 def test_fused_rans_kernels_give_the_reference_bytes():
     _run_with_triton(
         "import sys, torch\n"
-        "sys.path.insert(0, 'bench')\n"
+        f"sys.path.insert(0, {str(BENCH)!r})\n"
         "from gpu_codec_check import kernels_match_reference\n"
         "dev = torch.device('cuda' if torch.cuda.is_available() else 'cpu')\n"
-        "assert kernels_match_reference(dev)\n"
+        "assert kernels_match_reference(dev, side=12, channels=24, steps=32)\n"
         "print('same bytes')\n", "same bytes")
 
 
