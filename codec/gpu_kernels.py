@@ -345,7 +345,9 @@ def encode(x: torch.Tensor, layout: Layout, settings, reference: dict | None, ke
     delta = reference is not None
     rows = sample_rows(x)
     if delta:
-        center, loud_idx = reference["center"], reference["loud_idx"]
+        center, loud_idx = reference["center"], reference.get("loud_idx")
+        if loud_idx is None:  # a reference the torch path made (after too many escapes)
+            loud_idx = torch.tensor(list(p.loud) or [-1], dtype=torch.int64, device=device)
         n_loud = torch.full((), len(p.loud), dtype=torch.int64, device=device)
     else:
         center = channel_centre(rows)
