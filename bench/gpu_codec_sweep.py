@@ -16,16 +16,11 @@ import torch
 
 from comfy_mesh.codec import decode, get, gpu_kernels
 from comfy_mesh.codec.corpus import CorpusSpec, synthetic_carry
+from gpu_codec_check import top_kernels  # this folder is on sys.path when run as a script
 
 
 def kernel_times(fn) -> dict:
-    fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return {e.key[:40]: round(e.self_device_time_total / 1e3, 3) for e in prof.key_averages()
-            if e.self_device_time_total > 20}
+    return top_kernels(fn, n=40)
 
 
 def main() -> None:

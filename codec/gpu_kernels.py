@@ -113,6 +113,14 @@ if triton is not None:
         return sym, ok, cls, xrow, own, img
 
     @triton.jit
+    def _load_dct(d2_ptr, TRANSPOSE: tl.constexpr):
+        """The 64x64 block DCT (gpu_layout.dct2_matrix), or its transpose: the inverse."""
+        r = tl.arange(0, 64)
+        if TRANSPOSE:
+            return tl.load(d2_ptr + r[None, :] * 64 + r[:, None])
+        return tl.load(d2_ptr + r[:, None] * 64 + r[None, :])
+
+    @triton.jit
     def _forward_tile(x_ptr, center_ptr, loud_mask_ptr, d2, tile, ch, cm, ok, xrow, img, TEXT_TILES, BLOCK_TILES,
                       C: tl.constexpr, PREC: tl.constexpr):
         """Centred coefficients of one tile's rows for channels `ch` (rows that do not exist: 0)."""
@@ -140,8 +148,7 @@ if triton is not None:
         n_loud = tl.load(n_loud_ptr)
         sym, ok, cls, xrow, own, img = _rows(tile, T, N_TXT, H, W, HB, WB, TEXT_TILES, BLOCK_TILES, TEXT_ROWS,
                                              FIXED_ROWS, n_loud, loud_idx_ptr, TEXT, LOUD)
-        r = tl.arange(0, 64)
-        d2 = tl.load(d2_ptr + r[:, None] * 64 + r[None, :])
+        d2 = _load_dct(d2_ptr, False)
         kk = tl.arange(0, K)
         acc = tl.zeros((K,), tl.float32)
         for j in range(CHUNKS):
@@ -180,8 +187,7 @@ if triton is not None:
         n_loud = tl.load(n_loud_ptr)
         sym, ok, cls, xrow, own, img = _rows(tile, T, N_TXT, H, W, HB, WB, TEXT_TILES, BLOCK_TILES, TEXT_ROWS,
                                              FIXED_ROWS, n_loud, loud_idx_ptr, TEXT, LOUD)
-        r = tl.arange(0, 64)
-        d2 = tl.load(d2_ptr + r[:, None] * 64 + r[None, :])
+        d2 = _load_dct(d2_ptr, False)
         hist = tl.zeros((BINS,), tl.int32)
         err = tl.zeros((CB,), tl.float32)
         for j in range(CHUNKS):
@@ -229,11 +235,10 @@ if triton is not None:
         tile = p // GROUPS
         sym, ok, cls, xrow, own, img = _rows(tile, T, N_TXT, H, W, HB, WB, TEXT_TILES, BLOCK_TILES, TEXT_ROWS,
                                              FIXED_ROWS, n_loud, loud_idx_ptr, TEXT, LOUD)
-        r = tl.arange(0, 64)
         block = (tile >= TEXT_TILES) & (tile < TEXT_TILES + BLOCK_TILES)
         if block:
             own = tl.where(tl.load(loud_mask_ptr + img) != 0, -1, own)  # the loud row writes that token
-        d2t = tl.load(d2_ptr + r[None, :] * 64 + r[:, None])
+        d2t = _load_dct(d2_ptr, True)
         for j in range(CHUNKS):
             ch = ((p % GROUPS) * CHUNKS + j) * CB + tl.arange(0, CB)
             cm = ch < C
