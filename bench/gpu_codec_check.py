@@ -57,6 +57,32 @@ def top_kernels(fn, n: int = 14) -> dict:
     return {e.key[:60]: round(e.self_device_time_total / 1e3, 3) for e in rows if e.self_device_time_total > 0}
 
 
+def host_syncs(fn) -> list[str]:
+    """The operations in one call that made the host wait for the GPU (torch's sync debug mode)."""
+    import warnings
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return [str(w.message)[:80] for w in caught]
+
+
+def cpu_ops(fn, n: int = 12) -> dict:
+    """Where one call's host time goes: the profiler's CPU self time per op, ms."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:n]
+    return {e.key[:50]: round(e.self_cpu_time_total / 1e3, 3) for e in rows}
+
+
 def kernels_match_reference(dev, side: int = 40, channels: int = 96, steps: int = 256) -> bool:
     """The Triton rANS kernels give the torch reference's bytes for one gpu-codec layout
     (64 text tokens, a side x side grid, two loud tokens)."""
@@ -131,6 +157,10 @@ def main() -> int:
     msg = codec.encode(x, layout=spec.layout)
     report["encode_top_kernels_ms"] = top_kernels(lambda: codec.encode(x, layout=spec.layout))
     report["decode_top_kernels_ms"] = top_kernels(lambda: decode(msg, dev))
+    report["encode_host_syncs"] = host_syncs(lambda: codec.encode(x, layout=spec.layout))
+    report["decode_host_syncs"] = host_syncs(lambda: decode(msg, dev))
+    report["encode_cpu_ops_ms"] = cpu_ops(lambda: codec.encode(x, layout=spec.layout))
+    report["decode_cpu_ops_ms"] = cpu_ops(lambda: decode(msg, dev))
     # temporal: a correlated pair at rho 0.9
     enc_state, dec_state = StreamState(), StreamState()
     a, b = synthetic_steps(spec, rho=0.9, steps=2)

@@ -86,7 +86,7 @@ if triton is not None:
         return tl.minimum(b, NB - 1), ch  # a corrupt bucket must not index past the tables
 
     @triton.jit
-    def _encode_kernel(q_ptr, bucket_ptr, freq_ptr, cum_ptr, out_ptr, count_ptr, state_ptr, n_ptr,
+    def _encode_kernel(q_ptr, bucket_ptr, freq_ptr, cum_ptr, rcp_ptr, out_ptr, count_ptr, state_ptr, n_ptr,
                        TEXT_ROWS, FIXED_ROWS, C: tl.constexpr, STEPS: tl.constexpr, LANES: tl.constexpr,
                        ALPHA: tl.constexpr, EXACT: tl.constexpr, MAXE: tl.constexpr, ESC: tl.constexpr,
                        TEXT: tl.constexpr, LOUD: tl.constexpr, NB: tl.constexpr):
@@ -112,13 +112,18 @@ if triton is not None:
             # then the token
             f = tl.load(freq_ptr + cx * ALPHA + tok, mask=valid, other=1).to(tl.uint32)
             c = tl.load(cum_ptr + cx * ALPHA + tok, mask=valid, other=0).to(tl.uint32)
+            rcp = tl.load(rcp_ptr + cx * ALPHA + tok, mask=valid, other=1.0)
             f = tl.where(valid & (f > 0), f, 1)
             need = valid & ((x >> 20) >= f)
             pos = ptr + tl.cumsum(need.to(tl.int32), 0) - 1
             tl.store(out + pos, (x & 0xFFFF).to(tl.int16), mask=need)
             ptr += tl.sum(need.to(tl.int32), 0)
             x = tl.where(need, x >> 16, x)
-            x = tl.where(valid, ((x // f) << 12) + (x % f) + c, x)
+            # x // f without an integer division: x * (1/f) in float64 is within 2^-19 of
+            # the quotient (x < 2^32), whose fraction is 0 or at least 1/f >= 2^-12, so
+            # adding 2^-14 and truncating gives it exactly.
+            qt = (x.to(tl.float64) * rcp + 0.00006103515625).to(tl.uint32)
+            x = tl.where(valid, (qt << 12) + (x - qt * f) + c, x)
         tl.store(count_ptr + g, ptr)
         tl.store(state_ptr + g.to(tl.int64) * LANES + lanes, x.to(tl.int32, bitcast=True))
 
@@ -195,8 +200,9 @@ def encode(q16: torch.Tensor, n: torch.Tensor, buckets: torch.Tensor, text_rows:
     out = torch.empty(G, 2 * S * W, dtype=torch.int16, device=device)
     counts = torch.empty(G, dtype=torch.int32, device=device)
     states = torch.empty(G, W, dtype=torch.int32, device=device)
+    rcp = (1.0 / freq.to(torch.float64)).contiguous()  # inf where a symbol is absent: never loaded
     _encode_kernel[(G,)](q16, buckets, freq.to(torch.int32).contiguous(), cumulative(freq).to(torch.int32).contiguous(),
-                         out, counts, states, n.to(torch.int32).reshape(1), STEPS=S, LANES=W, MAXE=MAX_EXP,
+                         rcp, out, counts, states, n.to(torch.int32).reshape(1), STEPS=S, LANES=W, MAXE=MAX_EXP,
                          num_warps=max(1, W // 32), **_row_args(text_rows, fixed_rows, buckets.shape[1]))
     return out, counts, states
 

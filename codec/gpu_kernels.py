@@ -44,9 +44,10 @@ COARSE_RATIO = 2 ** 0.5  # spacing of the first pass's candidates
 FINE_RATIO = 2 ** (1 / 32)  # ... and of the second's
 # Share of the (tile, channel group) programs each sampled pass looks at: the first fit
 # pass, the second, and the symbol histogram (the rANS tables). A 1/25 histogram sample
-# cost 9 % of the ratio on the corpus; 1/4 costs under 1 %.
-COARSE_SHARE = 16
-FINE_SHARE = 4
+# cost 9 % of the ratio on the corpus; 1/4 nothing measurable. The quantiser measures the
+# actual error of the whole tensor.
+COARSE_SHARE = 64
+FINE_SHARE = 16
 HIST_SHARE = 4
 # Channels per tile, and channel blocks per program. Measured on an H200 (bench/NOTES.md):
 # one block of 32 per program runs the fit and quantiser passes 5-25x faster than four of
@@ -177,10 +178,10 @@ if triton is not None:
 
     @triton.jit
     def _quantise_kernel(x_ptr, center_ptr, loud_mask_ptr, loud_idx_ptr, n_loud_ptr, d2_ptr, ref_ptr, new_ref_ptr, steps_ptr,
-                         inv_ptr, bucket_ptr, q_ptr, hist_ptr, err_ptr, esc_count_ptr, esc_pos_ptr, esc_val_ptr,
+                         inv_ptr, bucket_ptr, q_ptr, key_ptr, err_ptr, esc_count_ptr, esc_pos_ptr, esc_val_ptr,
                          ESC_CAP, HIST_STRIDE, GROUPS, T, N_TXT, H, W, HB, WB, TEXT_TILES, BLOCK_TILES, TEXT_ROWS, FIXED_ROWS,
                          C: tl.constexpr, CB: tl.constexpr, CHUNKS: tl.constexpr, HAS_REF: tl.constexpr,
-                         WRITE_REF: tl.constexpr, BINS: tl.constexpr, TEXT: tl.constexpr, LOUD: tl.constexpr,
+                         WRITE_REF: tl.constexpr, TEXT: tl.constexpr, LOUD: tl.constexpr,
                          EXACT: tl.constexpr, MAXE: tl.constexpr, ESC: tl.constexpr, PREC: tl.constexpr):
         p = tl.program_id(0)
         tile = p // GROUPS
@@ -188,7 +189,6 @@ if triton is not None:
         sym, ok, cls, xrow, own, img = _rows(tile, T, N_TXT, H, W, HB, WB, TEXT_TILES, BLOCK_TILES, TEXT_ROWS,
                                              FIXED_ROWS, n_loud, loud_idx_ptr, TEXT, LOUD)
         d2 = _load_dct(d2_ptr, False)
-        hist = tl.zeros((BINS,), tl.int32)
         err = tl.zeros((CB,), tl.float32)
         for j in range(CHUNKS):
             ch = ((p % GROUPS) * CHUNKS + j) * CB + tl.arange(0, CB)
@@ -218,12 +218,15 @@ if triton is not None:
                 keep = esc & (slot < ESC_CAP)
                 tl.store(esc_pos_ptr + slot, at, mask=keep)
                 tl.store(esc_val_ptr + slot, coef, mask=keep)
-            if p % HIST_STRIDE == 0:  # the frequency tables come from a sample of the programs
+            if p % HIST_STRIDE == 0:
+                # The rANS tables come from a sample of the programs: each writes its
+                # (context, token) keys for one torch.histc (shared-memory atomics);
+                # tl.histogram over 2048 bins cost 4 ms for the whole carry.
                 tok, nr, raw = tokenize(q, EXACT, MAXE, ESC)
                 b = tl.load(bucket_ptr + cls[:, None] * C + ch[None, :], mask=m, other=0).to(tl.int32)
-                hist += tl.histogram(tl.reshape(tl.where(m, b * 64 + tok, 63), [64 * CB]), BINS)
-        if p % HIST_STRIDE == 0:
-            tl.atomic_add(hist_ptr + tl.arange(0, BINS), hist, mask=hist > 0)
+                at_key = ((p // HIST_STRIDE) * CHUNKS + j) * (64 * CB) + tl.arange(0, 64)[:, None] * CB + \
+                    tl.arange(0, CB)[None, :]
+                tl.store(key_ptr + at_key, tl.where(m, b * 64 + tok, -1).to(tl.float32))
         tl.store(err_ptr + p, tl.sum(err, 0))
 
     @triton.jit
@@ -391,7 +394,6 @@ def encode(x: torch.Tensor, layout: Layout, settings, reference: dict | None, ke
     buckets = context_buckets(cells[0], cells[1], steps_c).contiguous()
     max_rows = p.fixed_rows + p.loud_capacity
     q16 = torch.empty(max_rows * p.channels, dtype=torch.int16, device=device)
-    hist = torch.zeros(HIST_BINS, dtype=torch.int32, device=device)
     err_part = torch.empty(grid.programs, dtype=torch.float32, device=device)
     esc_count = torch.zeros(1, dtype=torch.int32, device=device)
     esc_pos = torch.empty(ESCAPE_CAPACITY, dtype=torch.int64, device=device)
@@ -399,11 +401,14 @@ def encode(x: torch.Tensor, layout: Layout, settings, reference: dict | None, ke
     # the new reference goes to a new buffer: the old one stays whole if this path gives up
     new_ref = torch.empty(max_rows * p.channels, dtype=torch.float32, device=device) if keep else None
     hist_stride = _sample_stride(grid.programs, HIST_SHARE)
+    keys = torch.empty(-(-grid.programs // hist_stride) * CHUNKS * 64 * CHANNEL_BLOCK, dtype=torch.float32,
+                       device=device)
     _quantise_kernel[(grid.programs,)](x, *common["pointers"], ref if ref is not None else x,
                                        new_ref if new_ref is not None else x, steps_c, inv_c, buckets,
-                                       q16, hist, err_part, esc_count, esc_pos, esc_val, ESCAPE_CAPACITY, hist_stride,
-                                       HAS_REF=delta, WRITE_REF=keep, BINS=HIST_BINS, EXACT=EXACT_TOKENS,
+                                       q16, keys, err_part, esc_count, esc_pos, esc_val, ESCAPE_CAPACITY, hist_stride,
+                                       HAS_REF=delta, WRITE_REF=keep, EXACT=EXACT_TOKENS,
                                        MAXE=MAX_EXP, ESC=ESCAPE, **grid.args())
+    hist = torch.histc(keys, bins=HIST_BINS, min=0, max=HIST_BINS)  # keys < 0 (no symbol) fall outside
     counts = hist.view(N_BUCKETS, 64)[:, :ALPHABET].to(torch.int64)
     if hist_stride > 1:
         # Sampled counts: every symbol of every table in use keeps a frequency (a symbol the

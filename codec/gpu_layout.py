@@ -39,7 +39,7 @@ N_CLASSES = 7
 LOUD_FACTOR = 4.0  # image tokens this many times the median centred token norm are loud
 MAX_LOUD_FRACTION = 1 / 64  # at most this share of image tokens
 MAX_SHIFT = 15  # per-channel steps go down to step / 2^15
-STATS_ROWS = 512  # tokens sampled for each channel's median centre and spread
+STATS_ROWS = 256  # tokens sampled for each channel's median centre and spread
 
 
 def band_of_frequency(u_plus_v: int) -> int:
@@ -189,8 +189,8 @@ def inverse(coef: torch.Tensor, layout: Layout) -> torch.Tensor:
 
 def sample_rows(x: torch.Tensor) -> torch.Tensor:
     """At most STATS_ROWS evenly spaced tokens of (B, T, C) as float32 rows: medians over
-    them are as good for a centre and a spread (both are sent, not recomputed), and a
-    sort of 4608 rows costs 13 ms on a GPU."""
+    them are as good for a centre and a spread (both are sent, not recomputed), and the
+    sort costs time (4608 rows: 13 ms on a GPU; 512: 0.14 ms)."""
     flat = x.reshape(-1, x.shape[-1])
     if flat.shape[0] > STATS_ROWS:
         idx = torch.linspace(0, flat.shape[0] - 1, STATS_ROWS, device=flat.device).round().long()
