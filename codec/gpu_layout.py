@@ -192,9 +192,10 @@ def sample_rows(x: torch.Tensor) -> torch.Tensor:
     them are as good for a centre and a spread (both are sent, not recomputed), and the
     sort costs time (4608 rows: 13 ms on a GPU; 512: 0.14 ms)."""
     flat = x.reshape(-1, x.shape[-1])
-    if flat.shape[0] > STATS_ROWS:
-        idx = torch.linspace(0, flat.shape[0] - 1, STATS_ROWS, device=flat.device).round().long()
-        flat = flat[idx]
+    n = flat.shape[0]
+    if n > STATS_ROWS:  # integer spacing (torch.linspace on a GPU cost 2.4 ms of host time)
+        idx = torch.arange(STATS_ROWS, device=flat.device) * (n - 1) // (STATS_ROWS - 1)
+        flat = flat.index_select(0, idx)
     return flat.float()
 
 

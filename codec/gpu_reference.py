@@ -31,7 +31,7 @@ import math
 import torch
 
 from .base import CodecError
-from .entropy import ALPHABET, ESCAPE, Geometry, RansStreams, detokenize, normalize_counts, rans_decode, \
+from .entropy import ALPHABET, ESCAPE, PROB_SCALE, Geometry, RansStreams, detokenize, normalize_counts, rans_decode, \
     rans_encode, tokenize
 from .gpu_layout import (MAX_SHIFT, N_BUCKETS, N_CLASSES, Layout, channel_centre, channel_shifts,
                          channel_spread, channel_steps, context_buckets, find_loud, forward, inverse, round_step,
@@ -108,7 +108,7 @@ def decode(pieces: dict, layout: Layout, geo: Geometry, center: torch.Tensor, re
     states = pieces["states"].to(torch.int64) & 0xFFFFFFFF
     words = pieces["words"].to(torch.int64) & 0xFFFF
     esc_pos, esc_val = pieces["esc_pos"], pieces["esc_val"]
-    if bool((freq < 0).any()) or bool((freq.sum(-1) != 0).logical_and(freq.sum(-1) != 4096).any()):
+    if bool((freq < 0).any()) or bool((freq.sum(-1) != 0).logical_and(freq.sum(-1) != PROB_SCALE).any()):
         raise CodecError("gpu codec frequency tables are corrupt")
     if int(group_words.sum()) != words.numel() or bool((group_words < 0).any()):
         raise CodecError("gpu codec word counts do not match the word stream: truncated or corrupt")
