@@ -20,12 +20,16 @@ import torch
 from comfy_mesh.codec import decode, get
 from comfy_mesh.codec import entropy as E
 from comfy_mesh.codec import entropy_triton as T
+from comfy_mesh.codec import gpu as gpu_codec, gpu_kernels
 from comfy_mesh.codec.base import StreamState
 from comfy_mesh.codec.corpus import CorpusSpec, synthetic_carry, synthetic_steps
 from comfy_mesh.codec.gpu_layout import N_CLASSES, Layout, symbol_contexts
 
 
 def timed(fn, repeat):
+    """-> (result, median seconds); the minimum goes to LAST_MIN (wall times on the bench
+    machine vary by tens of percent between calls)."""
+    global LAST_MIN
     times = []
     for _ in range(repeat):
         torch.cuda.synchronize()
@@ -33,7 +37,11 @@ def timed(fn, repeat):
         out = fn()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+    LAST_MIN = min(times)
     return out, statistics.median(times)
+
+
+LAST_MIN = 0.0
 
 
 def busy_ms(fn) -> float:
@@ -69,7 +77,7 @@ def host_syncs(fn) -> list[str]:
             fn()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    return [str(w.message)[:80] for w in caught]
+    return [f"{w.filename.rsplit('/', 2)[-1]}:{w.lineno}" for w in caught]
 
 
 def cpu_ops(fn, n: int = 12) -> dict:
@@ -146,11 +154,14 @@ def main() -> int:
         for min_steps in args.min_steps:
             c = get("gpu", rel_err=rel, min_steps=min_steps)
             m, enc_s = timed(lambda: c.encode(x, layout=spec.layout), args.repeat)
+            enc_min = LAST_MIN
             _, dec_s = timed(lambda: decode(m, dev), args.repeat)
+            dec_min = LAST_MIN
             y = decode(m, dev).float()
             report[f"rel_err_{rel}_steps_{min_steps}"] = {
                 "ratio": x.numel() * 2 / m.nbytes, "rel_l2": float((y - x.float()).norm() / x.float().norm()),
                 "encode_ms": enc_s * 1e3, "decode_ms": dec_s * 1e3, "gbps": x.numel() * 2 / 1e9 / (enc_s + dec_s),
+                "encode_min_ms": enc_min * 1e3, "decode_min_ms": dec_min * 1e3,
                 "encode_gpu_busy_ms": busy_ms(lambda: c.encode(x, layout=spec.layout)),
                 "decode_gpu_busy_ms": busy_ms(lambda: decode(m, dev)), "rans": m.header["rans"]}
     codec = get("gpu", rel_err=0.05)
@@ -161,6 +172,17 @@ def main() -> int:
     report["decode_host_syncs"] = host_syncs(lambda: decode(msg, dev))
     report["encode_cpu_ops_ms"] = cpu_ops(lambda: codec.encode(x, layout=spec.layout))
     report["decode_cpu_ops_ms"] = cpu_ops(lambda: decode(msg, dev))
+    # the host half of a decode: received buffers into pinned memory and up
+    _, up_s = timed(lambda: gpu_codec._upload(msg.buffers, dev), args.repeat)
+    report["decode_upload_ms"] = up_s * 1e3
+    # the rANS tables from a sample: ratio and histogram time by share of the programs
+    shares = {}
+    for share in (1, 4, 16):
+        gpu_kernels.HIST_SHARE = share
+        m = codec.encode(x, layout=spec.layout)
+        shares[share] = {"ratio": round(x.numel() * 2 / m.nbytes, 3),
+                         "histc_ms": top_kernels(lambda: codec.encode(x, layout=spec.layout)).get("aten::histc")}
+    report["histogram_share"] = shares
     # temporal: a correlated pair at rho 0.9
     enc_state, dec_state = StreamState(), StreamState()
     a, b = synthetic_steps(spec, rho=0.9, steps=2)
