@@ -143,7 +143,7 @@ class GpuCodec:
             parts = gpu_reference.encode(x, p, s, reference, temporal)
         p, geo, step, norm = parts["layout"], parts["geo"], parts["step"], parts["norm"]
         freq = parts["freq"]
-        used = torch.nonzero(freq.sum(-1) > 0).flatten()
+        used = parts["tables"]  # the context tables in use (the backend knows without a sync)
         names = ["shifts", "buckets", "freq", "group_words", "states", "words", "esc_pos", "esc_val"]
         payload = [parts["shifts"], parts["buckets"], freq[used].to(torch.int16), parts["group_words"],
                    parts["states"], parts["words"], parts["esc_pos"], parts["esc_val"]]
@@ -158,7 +158,7 @@ class GpuCodec:
             "codec": self.name, "v": FORMAT_VERSION, "shape": list(shape), "dtype": dtype,
             "grid": [p.n_txt, p.h, p.w], "loud": list(p.loud), "step": step, "n": math.prod(shape),
             "rans": [geo.lanes, geo.steps, geo.groups], "parts": dict(zip(names, sizes)),
-            "n_esc": int(parts["esc_pos"].numel()), "tables": used.tolist(), "rel_err_bound": bound,
+            "n_esc": int(parts["esc_pos"].numel()), "tables": used, "rel_err_bound": bound,
         }
         if temporal:
             state.reference, state.signature = parts["reference"], p

@@ -28,8 +28,8 @@ import torch
 
 from . import entropy_triton
 from .entropy import ALPHABET, ESCAPE, EXACT_TOKENS, MAX_EXP, PROB_SCALE, Geometry, normalize_counts
-from .gpu_layout import (LOUD_CLASS, MAX_SHIFT, N_BUCKETS, N_CLASSES, ROWS_PER_BLOCK, TEXT_CLASS, Layout,
-                         channel_centre, channel_shifts, channel_spread, channel_steps,
+from .gpu_layout import (LOUD_CLASS, MAX_SHIFT, N_BUCKETS, N_CLASSES, ROWS_PER_BLOCK, STATS_ROWS, TEXT_CLASS, Layout,
+                         channel_centre, channel_shifts, channel_spread, channel_steps, column_medians,
                          context_buckets, dct2_matrix, find_loud, round_step, sample_rows)
 
 try:
@@ -49,7 +49,7 @@ FINE_RATIO = 2 ** (1 / 32)  # ... and of the second's
 # the actual error of the whole tensor.
 COARSE_SHARE = 64
 FINE_SHARE = 16
-HIST_SHARE = 16
+HIST_SHARE = 8  # a power of two up to 64: rows of each 64-row tile, one in HIST_SHARE
 # Channels per tile, and channel blocks per program. Measured on an H200 (bench/NOTES.md):
 # one block of 32 per program runs the fit and quantiser passes 5-25x faster than four of
 # 64 (the loop over blocks keeps more live registers than the SM has).
@@ -180,9 +180,9 @@ if triton is not None:
     @triton.jit
     def _quantise_kernel(x_ptr, center_ptr, loud_mask_ptr, loud_idx_ptr, n_loud_ptr, d2_ptr, ref_ptr, new_ref_ptr, steps_ptr,
                          inv_ptr, bucket_ptr, q_ptr, key_ptr, err_ptr, esc_count_ptr, esc_pos_ptr, esc_val_ptr,
-                         ESC_CAP, HIST_STRIDE, GROUPS, T, N_TXT, H, W, HB, WB, TEXT_TILES, BLOCK_TILES, TEXT_ROWS, FIXED_ROWS,
+                         ESC_CAP, GROUPS, T, N_TXT, H, W, HB, WB, TEXT_TILES, BLOCK_TILES, TEXT_ROWS, FIXED_ROWS,
                          C: tl.constexpr, CB: tl.constexpr, CHUNKS: tl.constexpr, HAS_REF: tl.constexpr,
-                         WRITE_REF: tl.constexpr, TEXT: tl.constexpr, LOUD: tl.constexpr,
+                         WRITE_REF: tl.constexpr, KEPT: tl.constexpr, TEXT: tl.constexpr, LOUD: tl.constexpr,
                          EXACT: tl.constexpr, MAXE: tl.constexpr, ESC: tl.constexpr, PREC: tl.constexpr):
         p = tl.program_id(0)
         tile = p // GROUPS
@@ -219,15 +219,18 @@ if triton is not None:
                 keep = esc & (slot < ESC_CAP)
                 tl.store(esc_pos_ptr + slot, at, mask=keep)
                 tl.store(esc_val_ptr + slot, coef, mask=keep)
-            if p % HIST_STRIDE == 0:
-                # The rANS tables come from a sample of the programs: each writes its
-                # (context, token) keys for one torch.histc (shared-memory atomics);
-                # tl.histogram over 2048 bins cost 4 ms for the whole carry.
-                tok, nr, raw = tokenize(q, EXACT, MAXE, ESC)
-                b = tl.load(bucket_ptr + cls[:, None] * C + ch[None, :], mask=m, other=0).to(tl.int32)
-                at_key = ((p // HIST_STRIDE) * CHUNKS + j) * (64 * CB) + tl.arange(0, 64)[:, None] * CB + \
-                    tl.arange(0, CB)[None, :]
-                tl.store(key_ptr + at_key, tl.where(m, b * 64 + tok, -1).to(tl.float32))
+            # The rANS tables come from a sample: 64 / ROWS_KEPT rows of every tile write
+            # their (context, token) keys for one torch.histc. Rows r = v (mod 8), v turning
+            # with the tile, so every frequency band and channel is sampled alike; a sample
+            # of whole programs (1/13) cost 5 % of the ratio, and tl.histogram over 2048
+            # bins took 4 ms for the whole carry.
+            r = tl.arange(0, 64)
+            v = (tile + p % GROUPS) % (64 // KEPT)
+            tok, nr, raw = tokenize(q, EXACT, MAXE, ESC)
+            b = tl.load(bucket_ptr + cls[:, None] * C + ch[None, :], mask=m, other=0).to(tl.int32)
+            at_key = ((p * CHUNKS + j) * KEPT + r // (64 // KEPT))[:, None] * CB + tl.arange(0, CB)[None, :]
+            tl.store(key_ptr + at_key, tl.where(m, b * 64 + tok, -1).to(tl.float32),
+                     mask=(r % (64 // KEPT) == v)[:, None])
         tl.store(err_ptr + p, tl.sum(err, 0))
 
     @triton.jit
@@ -257,6 +260,14 @@ if triton is not None:
                 c = tl.dot(d2t, c, input_precision=PREC)
             c += tl.load(center_ptr + ch, mask=cm, other=0.0)[None, :]
             tl.store(out_ptr + own.to(tl.int64)[:, None] * C + ch[None, :], c, mask=(own >= 0)[:, None] & cm[None, :])
+
+    @triton.jit
+    def _column_median_kernel(rows_ptr, out_ptr, C, R: tl.constexpr, CB: tl.constexpr):
+        ch = tl.program_id(0) * CB + tl.arange(0, CB)
+        r = tl.arange(0, R)
+        cm = ch < C
+        v = tl.sort(tl.load(rows_ptr + r[None, :] * C + ch[:, None], mask=cm[:, None], other=0.0), dim=1)
+        tl.store(out_ptr + ch, tl.sum(tl.where(r[None, :] == (R - 1) // 2, v, 0.0), 1), mask=cm)
 
     @triton.jit
     def _token_sq_kernel(x_ptr, center_ptr, centred_ptr, plain_ptr, C: tl.constexpr, CB: tl.constexpr):
@@ -296,6 +307,17 @@ class _Grid:
                     TEXT=TEXT_CLASS, LOUD=LOUD_CLASS, PREC=PRECISION, num_warps=NUM_WARPS)
 
 
+def _column_medians(rows: torch.Tensor) -> torch.Tensor:
+    """gpu_layout.column_medians in one kernel (a bitonic sort per 32 channels): the two
+    torch sorts took 0.27 ms of a 1.6 ms encode."""
+    r, c = rows.shape
+    if r != STATS_ROWS:  # few tokens: no power-of-two row count
+        return column_medians(rows)
+    out = torch.empty(c, dtype=torch.float32, device=rows.device)
+    _column_median_kernel[(-(-c // 32),)](rows.contiguous(), out, c, R=r, CB=32)
+    return out
+
+
 _DCT2: dict = {}
 
 
@@ -310,7 +332,7 @@ def _dct2(device) -> torch.Tensor:
 
 def _loud_mask(loud_idx: torch.Tensor, image_tokens: int) -> torch.Tensor:
     mask = torch.zeros(image_tokens + 1, dtype=torch.uint8, device=loud_idx.device)
-    mask[torch.where(loud_idx >= 0, loud_idx, image_tokens)] = 1
+    mask.scatter_(0, torch.where(loud_idx >= 0, loud_idx, image_tokens), 1)  # index_put_ would sync
     return mask[:image_tokens] if image_tokens else torch.zeros(1, dtype=torch.uint8, device=loud_idx.device)
 
 
@@ -359,8 +381,8 @@ def encode(x: torch.Tensor, layout: Layout, settings, reference: dict | None, ke
             loud_idx = torch.tensor(list(p.loud) or [-1], dtype=torch.int64, device=device)
         n_loud = torch.full((), len(p.loud), dtype=torch.int64, device=device)
     else:
-        center = channel_centre(rows)
-    spread = channel_spread(rows - center)
+        center = channel_centre(rows, _column_medians)
+    spread = channel_spread(rows - center, _column_medians)
     centred_sq = torch.empty(p.batch * p.tokens, dtype=torch.float32, device=device)
     plain_sq = torch.empty_like(centred_sq)
     _token_sq_kernel[(p.batch * p.tokens,)](x, center, centred_sq, plain_sq, C=p.channels, CB=1024)
@@ -402,21 +424,21 @@ def encode(x: torch.Tensor, layout: Layout, settings, reference: dict | None, ke
     esc_val = torch.empty(ESCAPE_CAPACITY, dtype=torch.float32, device=device)
     # the new reference goes to a new buffer: the old one stays whole if this path gives up
     new_ref = torch.empty(max_rows * p.channels, dtype=torch.float32, device=device) if keep else None
-    hist_stride = _sample_stride(grid.programs, HIST_SHARE)
-    keys = torch.empty(-(-grid.programs // hist_stride) * CHUNKS * 64 * CHANNEL_BLOCK, dtype=torch.float32,
-                       device=device)
+    kept = 64 // HIST_SHARE  # rows of each tile in the histogram sample
+    keys = torch.empty(grid.programs * CHUNKS * kept * CHANNEL_BLOCK, dtype=torch.float32, device=device)
     _quantise_kernel[(grid.programs,)](x, *common["pointers"], ref if ref is not None else x,
                                        new_ref if new_ref is not None else x, steps_c, inv_c, buckets,
-                                       q16, keys, err_part, esc_count, esc_pos, esc_val, ESCAPE_CAPACITY, hist_stride,
-                                       HAS_REF=delta, WRITE_REF=keep, EXACT=EXACT_TOKENS,
+                                       q16, keys, err_part, esc_count, esc_pos, esc_val, ESCAPE_CAPACITY,
+                                       HAS_REF=delta, WRITE_REF=keep, KEPT=kept, EXACT=EXACT_TOKENS,
                                        MAXE=MAX_EXP, ESC=ESCAPE, **grid.args())
     hist = torch.histc(keys, bins=HIST_BINS, min=0, max=HIST_BINS)  # keys < 0 (no symbol) fall outside
     counts = hist.view(N_BUCKETS, 64)[:, :ALPHABET].to(torch.int64)
-    if hist_stride > 1:
+    if HIST_SHARE > 1:
         # Sampled counts: every symbol of every table in use keeps a frequency (a symbol the
-        # sample missed must still be codable; it costs about 1% of the rate).
-        used = torch.bincount(buckets.reshape(-1).long(), minlength=N_BUCKETS) > 0
-        counts = torch.where(used[:, None], counts * hist_stride + 1, 0)
+        # sample missed must still be codable). Tables in use: those some cell points to
+        # (a scatter, not bincount: bincount reads its range on the host).
+        used = torch.zeros(N_BUCKETS, dtype=torch.bool, device=device).scatter_(0, buckets.reshape(-1).long(), True)
+        counts = torch.where(used[:, None], counts * HIST_SHARE + 1, 0)
     freq = normalize_counts(counts)
 
     # 4. rANS, sized for the most loud rows; the sizes come back in one small copy
@@ -446,6 +468,7 @@ def encode(x: torch.Tensor, layout: Layout, settings, reference: dict | None, ke
         "shifts": shifts.to(torch.uint8), "buckets": buckets, "freq": freq, "geo": geo,
         "group_words": counts[:used_groups], "states": states[:used_groups], "words": words,
         "esc_pos": esc_pos[:n_esc][order], "esc_val": esc_val[:n_esc][order],
+        "tables": [t for t in range(N_BUCKETS) if meta[6 + t]],
         "coef_err": math.sqrt(max(float(meta[5:6].view(torch.float64)), 0.0)),
         "norm": math.sqrt(float(meta[4:5].view(torch.float64))),
     }

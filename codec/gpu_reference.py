@@ -87,6 +87,7 @@ def encode(x: torch.Tensor, layout: Layout, settings, reference: dict | None, ke
         "shifts": shifts.to(torch.uint8), "buckets": buckets, "freq": freq, "geo": geo,
         "group_words": streams.group_words.to(torch.int32), "states": _as_i32(streams.states),
         "words": _as_i16(streams.words), "esc_pos": esc_pos, "esc_val": esc_val.float(),
+        "tables": torch.nonzero(freq.sum(-1) > 0).flatten().tolist(),
         "norm": norm,
     }
     if keep:
