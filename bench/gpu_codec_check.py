@@ -172,6 +172,18 @@ def main() -> int:
     report["decode_host_syncs"] = host_syncs(lambda: decode(msg, dev))
     report["encode_cpu_ops_ms"] = cpu_ops(lambda: codec.encode(x, layout=spec.layout))
     report["decode_cpu_ops_ms"] = cpu_ops(lambda: decode(msg, dev))
+    # the encoder's host phases: launching everything, waiting for the sizes, the rest
+    phases = []
+    for _ in range(args.repeat):
+        gpu_kernels.PHASES = {}
+        torch.cuda.synchronize()
+        codec.encode(x, layout=spec.layout)
+        done = time.perf_counter()
+        t = gpu_kernels.PHASES
+        phases.append((t["queued"] - t["start"], t["sizes"] - t["queued"], done - t["sizes"]))
+    gpu_kernels.PHASES = None
+    report["encode_phases_ms"] = {name: round(statistics.median(v[i] for v in phases) * 1e3, 3) for i, name in
+                                  enumerate(("launch_all", "wait_for_sizes", "after_sizes"))}
     # the host half of a decode: received buffers into pinned memory and up
     _, up_s = timed(lambda: gpu_codec._upload(msg.buffers, dev), args.repeat)
     report["decode_upload_ms"] = up_s * 1e3

@@ -23,6 +23,7 @@ output dtype. Checks of the message's contents collect in one device flag, read 
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
@@ -42,14 +43,14 @@ except ImportError:  # pragma: no cover - depends on the machine
 CANDIDATES = 16  # steps tried per fit pass
 COARSE_RATIO = 2 ** 0.5  # spacing of the first pass's candidates
 FINE_RATIO = 2 ** (1 / 32)  # ... and of the second's
-# Share of the (tile, channel group) programs each sampled pass looks at: the first fit
-# pass, the second, and the symbol histogram (the rANS tables). With 12-bit probabilities a
-# 1/25 histogram sample cost 9 % of the ratio on the corpus (each symbol the sample missed
-# keeps a frequency of 1); with 14 bits that floor is 4x smaller. The quantiser measures
-# the actual error of the whole tensor.
+# Share of the (tile, channel group) programs the two fit passes look at (the quantiser
+# then measures the actual error of the whole tensor), and of the rows of every tile the
+# symbol histogram (the rANS tables) looks at. On the corpus (H200): tables from every
+# symbol 6.667x, from 1 row in 8 or 16 6.662x, from 1 program in 13 6.355x (whole
+# programs are not a fair sample).
 COARSE_SHARE = 64
 FINE_SHARE = 16
-HIST_SHARE = 8  # a power of two up to 64: rows of each 64-row tile, one in HIST_SHARE
+HIST_SHARE = 16  # a power of two up to 64: rows of each 64-row tile, one in HIST_SHARE
 # Channels per tile, and channel blocks per program. Measured on an H200 (bench/NOTES.md):
 # one block of 32 per program runs the fit and quantiser passes 5-25x faster than four of
 # 64 (the loop over blocks keeps more live registers than the SM has).
@@ -61,6 +62,7 @@ ESCAPE_CAPACITY = 1 << 16  # escapes the fused encoder collects (more: the torch
 # a 5e-4 relative error to every coefficient).
 PRECISION = "tf32x3"
 NUM_WARPS = 4  # per tile program
+MEDIAN_CHANNELS = 4  # channels per column-median program
 
 
 def available(device: torch.device) -> bool:
@@ -308,14 +310,25 @@ class _Grid:
 
 
 def _column_medians(rows: torch.Tensor) -> torch.Tensor:
-    """gpu_layout.column_medians in one kernel (a bitonic sort per 32 channels): the two
-    torch sorts took 0.27 ms of a 1.6 ms encode."""
+    """gpu_layout.column_medians in one kernel (a bitonic sort per MEDIAN_CHANNELS
+    channels): the two torch sorts took 0.27 ms of a 1.6 ms encode on an H200; this
+    kernel with 32 channels per program 0.39 ms (192 programs: too few)."""
     r, c = rows.shape
     if r != STATS_ROWS:  # few tokens: no power-of-two row count
         return column_medians(rows)
     out = torch.empty(c, dtype=torch.float32, device=rows.device)
-    _column_median_kernel[(-(-c // 32),)](rows.contiguous(), out, c, R=r, CB=32)
+    _column_median_kernel[(-(-c // MEDIAN_CHANNELS),)](rows.contiguous(), out, c, R=r, CB=MEDIAN_CHANNELS)
     return out
+
+
+#: set to a dict to collect host times (perf_counter) of the encoder's phases: "start",
+#: "queued" (every kernel launched), "sizes" (the small copy back); bench/gpu_codec_check.py
+PHASES: dict | None = None
+
+
+def _mark(name: str) -> None:
+    if PHASES is not None:
+        PHASES[name] = time.perf_counter()
 
 
 _DCT2: dict = {}
@@ -372,6 +385,7 @@ def encode(x: torch.Tensor, layout: Layout, settings, reference: dict | None, ke
     gpu_reference.encode returns them, or None where this path cannot (more escapes
     than it collects): the caller then uses the torch path."""
     device = x.device
+    _mark("start")
     p = layout
     delta = reference is not None
     rows = sample_rows(x)
@@ -447,10 +461,12 @@ def encode(x: torch.Tensor, layout: Layout, settings, reference: dict | None, ke
     geo = Geometry.for_count(max_rows * p.channels, s.lanes, s.min_steps, s.max_steps, target_groups=1 << 30)
     n_dev = (p.fixed_rows + n_loud) * p.channels
     buf, counts, states = entropy_triton.encode(q16, n_dev, buckets, p.text_rows, p.fixed_rows, freq, geo)
+    _mark("queued")
     meta = torch.cat([counts.sum(dtype=torch.int64).reshape(1), esc_count.to(torch.int64), n_loud.reshape(1).long(),
                       step.reshape(1).view(torch.int32).long(), tot_sq.reshape(1).view(torch.int64),
                       err_part.sum(dtype=torch.float64).reshape(1).view(torch.int64), (freq.sum(-1) > 0).long(),
                       loud_idx]).cpu()
+    _mark("sizes")
     total_words, n_esc, n_loud_host = int(meta[0]), int(meta[1]), int(meta[2])
     if not math.isfinite(float(meta[4:5].view(torch.float64))):
         raise _non_finite()
