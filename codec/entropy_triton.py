@@ -207,12 +207,11 @@ def encode(q16: torch.Tensor, n: torch.Tensor, buckets: torch.Tensor, text_rows:
     return out, counts, states
 
 
-def gather_words(buf: torch.Tensor, counts: torch.Tensor, total: int) -> torch.Tensor:
-    """The groups' word buffers back to back: (total,) int16."""
+def gather_words(buf: torch.Tensor, counts: torch.Tensor, out: torch.Tensor) -> None:
+    """The groups' word buffers back to back into `out` (int16, room for all of them):
+    no host round trip, the caller reads the total later."""
     starts = (torch.cumsum(counts, 0, dtype=torch.int64) - counts).contiguous()
-    out = torch.empty(max(total, 1), dtype=torch.int16, device=buf.device)
     _gather_words_kernel[(counts.numel(),)](buf, counts, starts, out, buf.shape[1], BLOCK=1024)
-    return out[:total]
 
 
 def decode(words: torch.Tensor, group_words: torch.Tensor, states: torch.Tensor, buckets: torch.Tensor,

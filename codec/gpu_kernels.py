@@ -463,7 +463,7 @@ def _launch(x: torch.Tensor, p: Layout, settings, inputs: _Inputs, keep: bool) -
     q16 = torch.empty(max_rows * p.channels, dtype=torch.int16, device=device)
     err_part = torch.empty(grid.programs, dtype=torch.float32, device=device)
     esc_count = torch.zeros(1, dtype=torch.int32, device=device)
-    esc_pos = torch.empty(ESCAPE_CAPACITY, dtype=torch.int64, device=device)
+    esc_pos = torch.full((ESCAPE_CAPACITY,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=device)
     esc_val = torch.empty(ESCAPE_CAPACITY, dtype=torch.float32, device=device)
     # the new reference goes to a new buffer: the old one stays whole if this path gives up
     new_ref = torch.empty(max_rows * p.channels, dtype=torch.float32, device=device) if keep else None
@@ -488,13 +488,49 @@ def _launch(x: torch.Tensor, p: Layout, settings, inputs: _Inputs, keep: bool) -
     n_dev = (p.fixed_rows + n_loud) * p.channels
     buf, counts, states = entropy_triton.encode(q16, n_dev, buckets, p.text_rows, p.fixed_rows, freq,
                                                 _geometry(p, settings))
+    # 5. the message, packed on the device: fixed-size parts, then the words back to back
+    layout = _Payload(p, _geometry(p, settings))
+    payload = torch.empty(layout.capacity, dtype=torch.uint8, device=device)
+    for name, value in (("center", center.to(torch.bfloat16)), ("shifts", shifts.to(torch.uint8)),
+                        ("buckets", buckets), ("freq", freq.to(torch.int16)), ("group_words", counts),
+                        ("states", states)):
+        layout.view(payload, name).copy_(value.reshape(-1))
+    entropy_triton.gather_words(buf, counts, layout.view(payload, "words"))
+    esc_pos, order = esc_pos.sort()
     meta = torch.cat([counts.sum(dtype=torch.int64).reshape(1), esc_count.to(torch.int64), n_loud.reshape(1).long(),
                       step.reshape(1).view(torch.int32).long(), tot_sq.reshape(1).view(torch.int64),
-                      err_part.sum(dtype=torch.float64).reshape(1).view(torch.int64), (freq.sum(-1) > 0).long(),
-                      loud_idx])
-    return {"meta": meta, "center": center, "shifts": shifts, "buckets": buckets, "freq": freq, "buf": buf,
-            "counts": counts, "states": states, "esc_pos": esc_pos, "esc_val": esc_val, "new_ref": new_ref,
-            "loud_idx": loud_idx, "geo": _geometry(p, settings)}
+                      err_part.sum(dtype=torch.float64).reshape(1).view(torch.int64), loud_idx])
+    return {"meta": meta, "payload": payload, "layout": layout, "center": center, "esc_pos": esc_pos,
+            "esc_val": esc_val[order], "new_ref": new_ref, "loud_idx": loud_idx}
+
+
+class _Payload:
+    """Where each part of a fused message sits in its device buffer: the fixed-size
+    parts at ALIGN-ed offsets (typed views need them), the words last, so the bytes to
+    copy back are one prefix. All 32 context tables travel (2.5 KB), and every group,
+    also those the loud rows left empty (they decode to nothing)."""
+
+    ALIGN = 8
+
+    def __init__(self, p: Layout, geo: Geometry):
+        self.geo = geo
+        sizes = {"center": (p.channels, torch.bfloat16), "shifts": (p.channels, torch.uint8),
+                 "buckets": (N_CLASSES * p.channels, torch.uint8), "freq": (N_BUCKETS * ALPHABET, torch.int16),
+                 "group_words": (geo.groups, torch.int32), "states": (geo.groups * geo.lanes, torch.int32),
+                 "words": (2 * geo.padded, torch.int16)}  # at most two words a symbol
+        self.parts, at = {}, 0
+        for name, (count, dtype) in sizes.items():
+            nbytes = count * dtype.itemsize
+            self.parts[name] = (at, nbytes, dtype)
+            at += -(-nbytes // self.ALIGN) * self.ALIGN
+        self.capacity = at
+
+    def view(self, payload: torch.Tensor, name: str) -> torch.Tensor:
+        at, nbytes, dtype = self.parts[name]
+        return payload[at:at + nbytes].view(dtype)
+
+    def used_bytes(self, total_words: int) -> int:
+        return self.parts["words"][0] + 2 * total_words
 
 
 def _geometry(p: Layout, settings) -> Geometry:
@@ -505,35 +541,44 @@ def _geometry(p: Layout, settings) -> Geometry:
 
 
 def _finish(dev: dict, meta: torch.Tensor, p: Layout, delta: bool, keep: bool, captured: bool) -> dict | None:
-    """From the kernels' outputs and the sizes read back: the message parts (the words
-    packed back to back, the escapes in order). From a captured graph, the reference is
-    copied out: the next replay overwrites the graph's buffers."""
+    """From the kernels' outputs and the sizes read back: the message bytes on the host
+    (one copy of the payload's used prefix), and what gpu.py puts in the header. From a
+    captured graph, the reference is copied out: the next replay overwrites it."""
     total_words, n_esc, n_loud = int(meta[0]), int(meta[1]), int(meta[2])
     if not math.isfinite(float(meta[4:5].view(torch.float64))):
         raise _non_finite()
     if n_esc > ESCAPE_CAPACITY:
         return None
-    loud = tuple(int(i) for i in meta[6 + N_BUCKETS:6 + N_BUCKETS + n_loud])
+    loud = tuple(int(i) for i in meta[6:6 + n_loud])
     full = Layout(p.batch, p.tokens, p.channels, p.n_txt, p.h, p.w, loud)
-    geo = dev["geo"]
-    n = full.n_coef
-    used_groups = max(1, -(-n // (geo.steps * geo.lanes)))
-    words = entropy_triton.gather_words(dev["buf"][:used_groups], dev["counts"][:used_groups], total_words)
-    order = dev["esc_pos"][:n_esc].argsort()
-    out = {
-        "layout": full, "step": float(meta[3:4].to(torch.int32).view(torch.float32)),
-        "center": None if delta else dev["center"], "shifts": dev["shifts"].to(torch.uint8),
-        "buckets": dev["buckets"], "freq": dev["freq"], "geo": Geometry(n, geo.lanes, geo.steps, used_groups),
-        "group_words": dev["counts"][:used_groups], "states": dev["states"][:used_groups], "words": words,
-        "esc_pos": dev["esc_pos"][:n_esc][order], "esc_val": dev["esc_val"][:n_esc][order],
-        "tables": [t for t in range(N_BUCKETS) if meta[6 + t]],
-        "coef_err": math.sqrt(max(float(meta[5:6].view(torch.float64)), 0.0)),
-        "norm": math.sqrt(float(meta[4:5].view(torch.float64))),
-    }
+    layout = dev["layout"]
+    used = layout.used_bytes(total_words)
+    esc_at = -(-used // 8) * 8  # the escapes after the payload, aligned for their typed views
+    on_gpu = dev["payload"].is_cuda
+    host = torch.empty(esc_at + 12 * n_esc, dtype=torch.uint8, pin_memory=on_gpu)
+    host[:used].copy_(dev["payload"][:used], non_blocking=True)
+    if n_esc:
+        host[esc_at:esc_at + 8 * n_esc].view(torch.int64).copy_(dev["esc_pos"][:n_esc], non_blocking=True)
+        host[esc_at + 8 * n_esc:].view(torch.float32).copy_(dev["esc_val"][:n_esc], non_blocking=True)
     if keep:
         own = (lambda t: t.clone()) if captured else (lambda t: t)
-        out["reference"] = {"coef": own(dev["new_ref"][:n]), "center": own(dev["center"]),
-                            "loud_idx": own(dev["loud_idx"])}
+        reference = {"coef": own(dev["new_ref"][:full.n_coef]), "center": own(dev["center"]),
+                     "loud_idx": own(dev["loud_idx"])}
+    if on_gpu:
+        torch.cuda.current_stream(dev["payload"].device).synchronize()
+    view = memoryview(host.numpy())
+    buffers = {}
+    for name, (at, nbytes, _) in layout.parts.items():
+        buffers[name] = view[at:at + (2 * total_words if name == "words" else nbytes)]
+    buffers["esc_pos"], buffers["esc_val"] = view[esc_at:esc_at + 8 * n_esc], view[esc_at + 8 * n_esc:]
+    out = {"layout": full, "step": float(meta[3:4].to(torch.int32).view(torch.float32)), "geo": layout.geo,
+           "tables": list(range(N_BUCKETS)), "norm": math.sqrt(float(meta[4:5].view(torch.float64))),
+           "coef_err": math.sqrt(max(float(meta[5:6].view(torch.float64)), 0.0)), "buffers": buffers,
+           "n_esc": n_esc}
+    if delta:
+        del buffers["center"]
+    if keep:
+        out["reference"] = reference
     return out
 
 
