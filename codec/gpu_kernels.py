@@ -487,9 +487,9 @@ def _launch(x: torch.Tensor, p: Layout, settings, inputs: _Inputs, keep: bool) -
     # 4. rANS, sized for the most loud rows
     n_dev = (p.fixed_rows + n_loud) * p.channels
     buf, counts, states = entropy_triton.encode(q16, n_dev, buckets, p.text_rows, p.fixed_rows, freq,
-                                                _geometry(p, settings))
+                                                _geometry(p, settings, delta))
     # 5. the message, packed on the device: fixed-size parts, then the words back to back
-    layout = _Payload(p, _geometry(p, settings))
+    layout = _Payload(p, _geometry(p, settings, delta))
     payload = torch.empty(layout.capacity, dtype=torch.uint8, device=device)
     for name, value in (("center", center.to(torch.bfloat16)), ("shifts", shifts.to(torch.uint8)),
                         ("buckets", buckets), ("freq", freq.to(torch.int16)), ("group_words", counts),
@@ -533,10 +533,10 @@ class _Payload:
         return self.parts["words"][0] + 2 * total_words
 
 
-def _geometry(p: Layout, settings) -> Geometry:
+def _geometry(p: Layout, settings, delta: bool) -> Geometry:
     """rANS geometry for the most loud rows; as many groups (warps) as min_steps allows:
     the kernels are latency-bound."""
-    return Geometry.for_count((p.fixed_rows + p.loud_capacity) * p.channels, settings.lanes, settings.min_steps,
+    return Geometry.for_count((p.fixed_rows + p.loud_capacity) * p.channels, settings.lanes, settings.steps_for(delta),
                               settings.max_steps, target_groups=1 << 30)
 
 

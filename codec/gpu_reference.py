@@ -78,7 +78,7 @@ def encode(x: torch.Tensor, layout: Layout, settings, reference: dict | None, ke
     counts = torch.bincount(ctx * ALPHABET + token, minlength=N_BUCKETS * ALPHABET).view(N_BUCKETS, ALPHABET)
     freq = normalize_counts(counts)
     s = settings
-    geo = Geometry.for_count(token.numel(), s.lanes, s.min_steps, s.max_steps)
+    geo = Geometry.for_count(token.numel(), s.lanes, s.steps_for(reference is not None), s.max_steps)
     streams = rans_encode(token, n_raw, raw, ctx, freq, geo)
     esc_pos = torch.nonzero(token == ESCAPE).flatten()
     esc_val = coef[esc_pos]
