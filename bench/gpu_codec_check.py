@@ -21,7 +21,7 @@ from comfy_mesh.codec import decode, get
 from comfy_mesh.codec import entropy as E
 from comfy_mesh.codec import entropy_triton as T
 from comfy_mesh.codec import gpu as gpu_codec, gpu_kernels
-from comfy_mesh.codec.base import StreamState
+from comfy_mesh.codec.base import CodecError, EncodedTensor, StreamState
 from comfy_mesh.codec.corpus import CorpusSpec, synthetic_carry, synthetic_steps
 from comfy_mesh.codec.gpu_layout import N_CLASSES, Layout, symbol_contexts
 
@@ -115,8 +115,9 @@ def kernels_match_reference(dev, side: int = 40, channels: int = 96, steps: int 
     step_sizes = torch.rand(channels, generator=g) + 0.5
     bad = torch.zeros(1, dtype=torch.int32, device=dev)
     # int64 words and states wrap to int16 / int32 bit patterns, as they travel
-    coef = T.decode(ref.words.to(torch.int16).to(dev), ref.group_words.int().to(dev), ref.states.to(torch.int32).to(dev),
-                    buckets.to(dev), lay.text_rows, lay.fixed_rows, freq.to(dev), step_sizes.to(dev), geo, bad)
+    coef = T.decode(ref.words.to(torch.int16).to(dev), torch.tensor([ref.words.numel()], device=dev),
+                    ref.group_words.int().to(dev), ref.states.to(torch.int32).to(dev), buckets.to(dev), lay.text_rows,
+                    lay.fixed_rows, freq.to(dev), step_sizes.to(dev), geo, bad)[:n]
     expect = (E.detokenize(tok, raw).float().view(-1, channels) * step_sizes).reshape(-1)
     return bool(same and torch.equal(coef.cpu(), expect) and int(bad) == 0)
 
@@ -186,6 +187,21 @@ def main() -> int:
     report["decode_host_syncs"] = host_syncs(lambda: decode(msg, dev))
     report["encode_cpu_ops_ms"] = cpu_ops(lambda: codec.encode(x, layout=spec.layout))
     report["decode_cpu_ops_ms"] = cpu_ops(lambda: decode(msg, dev))
+    # the captured decoder against the launched one, and corrupt words refused by both
+    eager_dec = get("gpu", graphs=False)
+    report["captured_decode_equals_launched"] = bool(torch.equal(decode(msg, dev), eager_dec.decode(msg, dev)))
+    words = msg.header["parts"]
+    names = list(words)
+    bad_words = bytes(b ^ 0x5A for b in bytes(msg.buffers[names.index("words")]))
+    broken = EncodedTensor(msg.header, [bad_words if n == "words" else b for n, b in zip(names, msg.buffers)])
+    refused = []
+    for decoder in (codec, eager_dec):
+        try:
+            decoder.decode(broken, dev)
+            refused.append(False)
+        except CodecError:
+            refused.append(True)
+    report["corrupt_words_refused_captured_and_launched"] = refused
     # the encoder's host phases: launching everything, waiting for the sizes, the rest
     phases = []
     for _ in range(args.repeat):

@@ -127,13 +127,14 @@ if triton is not None:
         tl.store(state_ptr + g.to(tl.int64) * LANES + lanes, x.to(tl.int32, bitcast=True))
 
     @triton.jit
-    def _decode_kernel(words_ptr, start_ptr, count_ptr, state_ptr, total_words, bucket_ptr, freq_ptr, cum_ptr,
+    def _decode_kernel(words_ptr, start_ptr, count_ptr, state_ptr, total_ptr, bucket_ptr, freq_ptr, cum_ptr,
                        slot_ptr, steps_ptr, coef_ptr, bad_ptr, n, TEXT_ROWS, FIXED_ROWS, C: tl.constexpr,
                        STEPS: tl.constexpr, LANES: tl.constexpr, ALPHA: tl.constexpr, EXACT: tl.constexpr,
                        ESC: tl.constexpr, TEXT: tl.constexpr, LOUD: tl.constexpr, NB: tl.constexpr,
                        PB: tl.constexpr):
         g = tl.program_id(0)
         lanes = tl.arange(0, LANES)
+        total_words = tl.load(total_ptr)
         start = tl.load(start_ptr + g)
         ptr = start + tl.load(count_ptr + g)
         x = tl.load(state_ptr + g.to(tl.int64) * LANES + lanes).to(tl.uint32, bitcast=True)
@@ -214,18 +215,20 @@ def gather_words(buf: torch.Tensor, counts: torch.Tensor, out: torch.Tensor) -> 
     _gather_words_kernel[(counts.numel(),)](buf, counts, starts, out, buf.shape[1], BLOCK=1024)
 
 
-def decode(words: torch.Tensor, group_words: torch.Tensor, states: torch.Tensor, buckets: torch.Tensor,
-           text_rows: int, fixed_rows: int, freq: torch.Tensor, steps_c: torch.Tensor, geo,
+def decode(words: torch.Tensor, total_words: torch.Tensor, group_words: torch.Tensor, states: torch.Tensor,
+           buckets: torch.Tensor, text_rows: int, fixed_rows: int, freq: torch.Tensor, steps_c: torch.Tensor, geo,
            bad: torch.Tensor) -> torch.Tensor:
-    """Decode to dequantised float32 coefficients (escapes as 0). Corruption sets `bad`
-    (a 1-element int32 device tensor) instead of raising: the caller checks it once."""
+    """Decode to dequantised float32 coefficients (escapes as 0), plus one spare slot at
+    the end (a place for escapes that are not there). `words` may be longer than the
+    stream: `total_words` (a 1-element device tensor) says how much is. Corruption sets
+    `bad` (a 1-element int32 device tensor) instead of raising: the caller checks it once."""
     device = words.device
     G, S, W = geo.groups, geo.steps, geo.lanes
     starts = (torch.cumsum(group_words.to(torch.int64), 0) - group_words).to(torch.int32).contiguous()
-    coef = torch.empty(geo.n, dtype=torch.float32, device=device)
+    coef = torch.empty(geo.n + 1, dtype=torch.float32, device=device)
     if words.numel() == 0:
         words = torch.zeros(1, dtype=torch.int16, device=device)
-    _decode_kernel[(G,)](words, starts, group_words.to(torch.int32).contiguous(), states.contiguous(), words.numel(),
+    _decode_kernel[(G,)](words, starts, group_words.to(torch.int32).contiguous(), states.contiguous(), total_words,
                          buckets, freq.to(torch.int32).contiguous(), cumulative(freq).to(torch.int32).contiguous(),
                          slot_table(freq).to(torch.uint8).contiguous(), steps_c.contiguous(), coef, bad, geo.n,
                          STEPS=S, LANES=W, num_warps=max(1, W // 32),

@@ -257,6 +257,11 @@ class GpuCodec:
         dev = torch.device(device) if device is not None else torch.device("cpu")
         extras = {"step": np.array([step], dtype=np.float32), "tables": np.array(tables or [0], dtype=np.int64),
                   "loud": np.array(loud or [-1], dtype=np.int64)}
+        keep = state is not None and bool(stream)
+        if (_fused(self.settings, dev) and dev.type == "cuda" and self.settings.graphs and tables
+                and n_esc <= gpu_kernels.GRAPH_ESCAPES and sizes["words"] <= 4 * geo.padded):
+            return self._decode_captured(buffers, names, sizes, extras, n_esc, p, geo, out_dtype, delta, keep,
+                                         state, stream, shape, dev)
         blob, offsets = _upload([buffers[names.index(n)] for n in names] + list(extras.values()), dev)
         pieces = {}
         for i, name in enumerate(names):
@@ -270,7 +275,6 @@ class GpuCodec:
         pieces["freq"] = freq
         pieces["buckets"] = pieces["buckets"].view(N_CLASSES, p.channels)
         pieces["states"] = pieces["states"].view(groups, lanes)
-        keep = state is not None and bool(stream)
         center = state.reference["center"] if delta else pieces["center"].float()
         reference = state.reference["coef"] if delta else None
         if _fused(self.settings, dev):
@@ -281,4 +285,30 @@ class GpuCodec:
             x, new_ref = gpu_reference.decode(pieces, p, geo, center, reference, keep, out_dtype)
         if keep:
             state.reference, state.signature, state.seq = {"coef": new_ref, "center": center}, p, int(stream["seq"])
+        return x.reshape(shape)
+
+    def _decode_captured(self, buffers, names, sizes, extras, n_esc, p, geo, out_dtype, delta, keep, state, stream,
+                         shape, dev) -> torch.Tensor:
+        """decode() through a captured graph of the fused kernels: the message's parts go
+        to fixed places in the graph's own buffers (the words last, with room for the most
+        a stream can have; escapes up to GRAPH_ESCAPES)."""
+        frames = dict(zip(names, buffers))
+        frames.update({name: arr.tobytes() for name, arr in extras.items()})
+        frames["total_words"] = np.array([sizes["words"] // 2], dtype=np.int64).tobytes()
+        frames["n_esc"] = np.array([n_esc], dtype=np.int64).tobytes()
+        spec = {name: (sizes[name], _PART_TYPES[name]) for name in names if name not in ("esc_pos", "esc_val", "words")}
+        spec.update({name: (len(arr.tobytes()), torch.from_numpy(arr).dtype) for name, arr in extras.items()})
+        spec.update({"total_words": (8, torch.int64), "n_esc": (8, torch.int64),
+                     "esc_pos": (8 * gpu_kernels.GRAPH_ESCAPES, torch.int64),
+                     "esc_val": (4 * gpu_kernels.GRAPH_ESCAPES, torch.float32),
+                     "words": (4 * geo.padded, torch.int16)})  # words last: the upload is one prefix
+        center = state.reference["center"] if delta else None
+        reference = state.reference["coef"] if delta else None
+        x, new_ref, used_center, bad = gpu_kernels.decode_captured(frames, spec, p, geo, out_dtype, delta, keep,
+                                                                   center, reference, dev)
+        if bad:
+            raise CodecError("gpu codec message is corrupt: its tables, word stream or escapes do not add up")
+        if keep:
+            state.reference, state.signature, state.seq = {"coef": new_ref, "center": used_center}, p, \
+                int(stream["seq"])
         return x.reshape(shape)

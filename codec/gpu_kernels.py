@@ -648,11 +648,14 @@ def _non_finite():
 
 def decode(pieces: dict, layout: Layout, geo: Geometry, center: torch.Tensor, reference: torch.Tensor | None,
            keep: bool, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Decode on a CUDA device; arguments as gpu_reference.decode. Corrupt contents do
-    not raise here: they set the returned flag (a device tensor the caller reads once).
+    """Decode on a CUDA device; arguments as gpu_reference.decode, and optionally
+    `total_words` and `n_esc` (device scalars: the words and escapes buffers may be longer
+    than what they hold, as in a captured graph's). Corrupt contents do not raise here:
+    they set the returned flag (a device tensor the caller reads once).
     -> ((B, T, C) in out_dtype, the new reference coefficients when `keep`, flag)."""
     p = layout
     device = pieces["words"].device
+    n = p.n_coef
     bad = torch.zeros(1, dtype=torch.int32, device=device)
     shifts = pieces["shifts"].to(torch.int64)
     bad |= (shifts > MAX_SHIFT).any().to(torch.int32)
@@ -661,14 +664,19 @@ def decode(pieces: dict, layout: Layout, geo: Geometry, center: torch.Tensor, re
     total = freq.sum(-1)
     bad |= ((freq < 0).any() | ((total != 0) & (total != PROB_SCALE)).any()).to(torch.int32)
     group_words = pieces["group_words"]
-    bad |= ((group_words < 0).any() | (group_words.sum(dtype=torch.int64) != pieces["words"].numel())).to(torch.int32)
-    coef = entropy_triton.decode(pieces["words"], group_words, pieces["states"], pieces["buckets"], p.text_rows,
-                                 p.fixed_rows, freq, steps_c, geo, bad)
+    total_words = pieces.get("total_words")
+    if total_words is None:
+        total_words = torch.full((1,), pieces["words"].numel(), dtype=torch.int64, device=device)
+    bad |= ((group_words < 0).any() | (group_words.sum(dtype=torch.int64) != total_words.reshape(()))).to(torch.int32)
+    coef = entropy_triton.decode(pieces["words"], total_words, group_words, pieces["states"], pieces["buckets"],
+                                 p.text_rows, p.fixed_rows, freq, steps_c, geo, bad)
     esc_pos = pieces["esc_pos"]
     if esc_pos.numel():
-        inside = (esc_pos >= 0) & (esc_pos < p.n_coef)
-        bad |= (~inside).any().to(torch.int32)
-        coef[torch.where(inside, esc_pos, 0)] = torch.where(inside, pieces["esc_val"], coef[0])
+        listed = torch.arange(esc_pos.numel(), device=device) < pieces.get("n_esc", esc_pos.numel())
+        inside = (esc_pos >= 0) & (esc_pos < n)
+        bad |= (listed & ~inside).any().to(torch.int32)
+        coef.scatter_(0, torch.where(listed & inside, esc_pos, n), pieces["esc_val"])  # the rest: the spare slot
+    coef = coef[:n]
     new_ref = torch.empty_like(coef) if keep else None
     grid = _Grid(p, device)
     loud_idx = pieces["loud"]
@@ -678,3 +686,88 @@ def decode(pieces: dict, layout: Layout, geo: Geometry, center: torch.Tensor, re
                                       _loud_mask(loud_idx, p.image_tokens), loud_idx, len(p.loud), grid.d2, out,
                                       HAS_REF=reference is not None, WRITE_REF=keep, **grid.args())
     return out, new_ref, bad
+
+
+GRAPH_ESCAPES = 4096  # escapes a captured decoder has room for (more: the launched path)
+
+
+class _DecodeGraph:
+    """One message shape's decode captured in a CUDA graph. Its buffers: a pinned host
+    staging area and a device copy of it, each part at a fixed offset and the words last
+    (their count varies), so one upload of the used prefix feeds every replay."""
+
+    def __init__(self, spec: dict, p: Layout, geo: Geometry, out_dtype, delta: bool, keep: bool, device):
+        self.spec, self.p, self.geo, self.delta, self.keep = spec, p, geo, delta, keep
+        self.offsets, at = {}, 0
+        for name, (nbytes, dtype) in spec.items():
+            self.offsets[name] = at
+            at += -(-nbytes // 8) * 8
+        self.capacity = at
+        self.host = torch.zeros(at, dtype=torch.uint8, pin_memory=True)
+        self.blob = torch.zeros(at, dtype=torch.uint8, device=device)
+        self.center = torch.zeros(p.channels, device=device)
+        self.ref = torch.zeros(p.n_coef, device=device) if delta else None
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # compile and warm up outside the capture
+            self._decode(out_dtype)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out, self.new_ref, self.bad, self.used_center = self._decode(out_dtype)
+
+    def _view(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
+        at = self.offsets[name]
+        nbytes, dtype = self.spec[name]
+        return tensor[at:at + nbytes].view(dtype)
+
+    def _decode(self, out_dtype):
+        pieces = {name: self._view(self.blob, name) for name in self.spec}
+        tables = pieces.pop("tables")
+        freq = torch.zeros(N_BUCKETS, ALPHABET, dtype=torch.int64, device=self.blob.device)
+        freq[tables] = pieces["freq"].to(torch.int64).view(tables.numel(), ALPHABET)
+        pieces["freq"] = freq
+        pieces["buckets"] = pieces["buckets"].view(N_CLASSES, self.p.channels)
+        pieces["states"] = pieces["states"].view(self.geo.groups, self.geo.lanes)
+        center = self.center if self.delta else pieces["center"].float()
+        return (*decode(pieces, self.p, self.geo, center, self.ref, self.keep, out_dtype), center)
+
+    def run(self, frames: dict, center: torch.Tensor | None, reference: torch.Tensor | None):
+        """`frames`: part name -> bytes-like (the message's buffers, and the small arrays
+        the header gives). -> (output, new reference or None, the centre, corrupt?); the
+        outputs are copies: the next replay overwrites the graph's own."""
+        import warnings
+        for name, frame in frames.items():
+            n = memoryview(frame).nbytes
+            if n:
+                with warnings.catch_warnings():  # read-only bytes: torch warns, and only reads them
+                    warnings.simplefilter("ignore", UserWarning)
+                    source = torch.frombuffer(frame, dtype=torch.uint8)
+                at = self.offsets[name]
+                self.host[at:at + n].copy_(source)
+        used = self.offsets["words"] + memoryview(frames["words"]).nbytes
+        self.blob[:used].copy_(self.host[:used], non_blocking=True)
+        if self.delta:
+            self.center.copy_(center)
+            self.ref.copy_(reference)
+        self.graph.replay()
+        out = self.out.clone()
+        new_ref, center = (self.new_ref.clone(), self.used_center.clone()) if self.keep else (None, None)
+        return out, new_ref, center, bool(self.bad.item())
+
+
+_DECODE_GRAPHS: dict = {}
+
+
+def decode_captured(frames: dict, spec: dict, p: Layout, geo: Geometry, out_dtype, delta: bool, keep: bool,
+                    center, reference, device) -> tuple:
+    """Decode through a captured graph for this message shape (made on first use)."""
+    key = (str(device), tuple(spec.items()), p.batch, p.tokens, p.channels, p.n_txt, p.h, p.w, len(p.loud),
+           geo.lanes, geo.steps, geo.groups, out_dtype, delta, keep)
+    graph = _DECODE_GRAPHS.pop(key, None)
+    if graph is None:
+        graph = _DecodeGraph(spec, p, geo, out_dtype, delta, keep, device)
+        while len(_DECODE_GRAPHS) >= MAX_GRAPHS:
+            _DECODE_GRAPHS.pop(next(iter(_DECODE_GRAPHS)))
+    _DECODE_GRAPHS[key] = graph
+    return graph.run(frames, center, reference)
