@@ -205,11 +205,25 @@ def test_corrupt_messages_are_refused_cleanly():
 
 
 def test_settings_are_checked():
-    for bad in ({"rel_err": 0}, {"rel_err": 2.0}, {"lanes": 0}, {"max_steps": -1}):
+    for bad in ({"rel_err": 0}, {"rel_err": 2.0}, {"lanes": 0}, {"lanes": 48}, {"max_steps": -1},
+                {"min_steps": None}, {"backend": "cuda"}, {"graphs": "yes"}):
         with pytest.raises(CodecError):
             get("gpu", **bad)
     with pytest.raises(CodecError, match="NaN"):
         get("gpu").encode(torch.tensor([[1.0, float("nan")]]))
+
+
+def test_delta_messages_get_longer_rans_lanes():
+    # A delta message codes fewer bits per symbol, so the 4-byte final state of each lane
+    # weighs more: twice the steps per lane (capped by max_steps).
+    spec = replace(SPEC, layout=TokenLayout(128, 40, 40), channels=192)
+    a, b = synthetic_steps(spec, rho=0.95, steps=2)
+    codec = get("gpu", min_steps=64)
+    enc = StreamState()
+    key = codec.encode(a, state=enc, layout=spec.layout)
+    delta = codec.encode(b, state=enc, layout=spec.layout)
+    assert key.header["rans"][1] == 64 and delta.header["rans"][1] == 128
+    assert get("gpu", min_steps=64, max_steps=100).settings.steps_for(True) == 100
 
 
 def test_rans_reference_round_trip_at_the_entropy():
