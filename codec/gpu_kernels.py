@@ -3,21 +3,26 @@
 Encode, for a (B, T, C) carry on a CUDA device (codec/gpu_reference.py is the same
 format in torch ops, and the documentation of each stage):
 
-1. token statistics: each token's centred and plain squared norm (one read);
-   the loud tokens are picked on the device (gpu_layout.find_loud);
-2. step fit without host syncs: 16 candidate steps spaced by sqrt(2) are tried on a
-   sample of the tiles, then 16 spaced by 2^(1/32) around the best on every tile. Each
-   try recomputes the 8x8 DCT from the bf16 input (cheaper than storing float32
-   coefficients) and quantises every coefficient with every candidate; the largest
-   step within the error target wins, picked on the device;
-3. quantise: int16 values, a histogram per (context, token) and the escapes, in one
-   pass (and the temporal reference, when there is one);
-4. rANS (codec/entropy_triton.py), then one small device-to-host copy of the sizes,
-   and the words packed back to back.
+1. statistics: channel medians (centre, spread) over sampled tokens, each token's
+   centred and plain squared norm (one read); the loud tokens are picked on the device
+   (gpu_layout.find_loud);
+2. step fit without host syncs: 16 candidate steps spaced by sqrt(2), then 16 spaced by
+   2^(1/32) around the best, each pass on a sample of the (tile, channel group)
+   programs. Each try recomputes the 8x8 DCT from the input (cheaper than storing
+   float32 coefficients) and quantises with every candidate; the largest step within
+   the error target wins, picked on the device;
+3. quantise: int16 values, the escapes, the (context, token) keys of 1 row in 16 for
+   the rANS tables, the actual error, and the temporal reference when there is one;
+4. rANS (codec/entropy_triton.py), and the message packed on the device (fixed-size
+   parts, then the words back to back); one small copy of the sizes comes back, then
+   the used prefix of the message.
 
 Decode: rANS straight to dequantised coefficients, the escapes put back, then one pass
 that adds the temporal reference, runs the inverse DCT, adds the centre and writes the
 output dtype. Checks of the message's contents collect in one device flag, read once.
+
+On CUDA both run as CUDA graphs, one per shape (`_Captured`, `_DecodeGraph`): launched
+one by one, an encode's ~70 kernels cost more host time than the GPU spends on them.
 """
 
 from __future__ import annotations
