@@ -2,8 +2,8 @@
 
 The reference implementation loops over steps in Python, one batch of torch ops per
 step: correct everywhere, but on a GPU thousands of small launches. Here one Triton
-program (one warp) owns one group of lanes and runs all its steps in registers, in
-32-bit arithmetic. Words are placed with an in-program prefix sum, exactly as the
+program owns one group of lanes (one warp for the default 32 lanes) and runs all its
+steps in registers, in 32-bit arithmetic. Words are placed with an in-program prefix sum, exactly as the
 reference places them, so either implementation decodes the other's messages (tests
 check they agree bit for bit).
 
@@ -155,7 +155,7 @@ if triton is not None:
             blk = ptr - tl.sum(need.to(tl.int32), 0)
             pos = blk + tl.cumsum(need.to(tl.int32), 0) - 1
             bad |= (need & (pos < start)).to(tl.int32)
-            w = tl.load(words_ptr + pos, mask=need & (pos >= start) & (pos < total_words), other=0)
+            w = tl.load(words_ptr + pos, mask=need & (pos >= start) & (pos >= 0) & (pos < total_words), other=0)
             x = tl.where(need, (x << 16) | (w.to(tl.uint32) & 0xFFFF), x)
             ptr = blk
             nr = tl.where(valid, raw_bit_count(t, EXACT, ESC), 0)
@@ -165,7 +165,7 @@ if triton is not None:
             blk = ptr - tl.sum(need.to(tl.int32), 0)
             pos = blk + tl.cumsum(need.to(tl.int32), 0) - 1
             bad |= (need & (pos < start)).to(tl.int32)
-            w = tl.load(words_ptr + pos, mask=need & (pos >= start) & (pos < total_words), other=0)
+            w = tl.load(words_ptr + pos, mask=need & (pos >= start) & (pos >= 0) & (pos < total_words), other=0)
             x = tl.where(need, (x << 16) | (w.to(tl.uint32) & 0xFFFF), x)
             ptr = blk
             q = detokenize(t, raw, EXACT, ESC)
@@ -201,7 +201,9 @@ def encode(q16: torch.Tensor, n: torch.Tensor, buckets: torch.Tensor, text_rows:
     out = torch.empty(G, 2 * S * W, dtype=torch.int16, device=device)
     counts = torch.empty(G, dtype=torch.int32, device=device)
     states = torch.empty(G, W, dtype=torch.int32, device=device)
-    rcp = (1.0 / freq.to(torch.float64)).contiguous()  # inf where a symbol is absent: never loaded
+    # inf where a symbol is absent: never loaded, since the tables come from these symbols'
+    # counts (when those are sampled, every symbol of a table in use keeps a frequency >= 1)
+    rcp = (1.0 / freq.to(torch.float64)).contiguous()
     _encode_kernel[(G,)](q16, buckets, freq.to(torch.int32).contiguous(), cumulative(freq).to(torch.int32).contiguous(),
                          rcp, out, counts, states, n.to(torch.int32).reshape(1), STEPS=S, LANES=W, MAXE=MAX_EXP,
                          num_warps=max(1, W // 32), **_row_args(text_rows, fixed_rows, buckets.shape[1]))

@@ -23,16 +23,16 @@ import torch
 from . import gpu_kernels, gpu_reference
 from .base import CodecError, CodecStateError, EncodedTensor, StreamState, TokenLayout
 from .checks import check_codec_and_version, dtype_name, header_dtype, header_field, header_shape, message_parts
-from .entropy import ALPHABET, Geometry
-from .gpu_layout import N_BUCKETS, N_CLASSES, Layout, make_layout
+from .entropy import ALPHABET, PROB_SCALE, Geometry
+from .gpu_layout import ALIGN, MAX_SHIFT, N_BUCKETS, N_CLASSES, Layout, aligned, make_layout
 
 FORMAT_VERSION = 2
-ALIGN = 8  # each part of a received message starts at a multiple of this in device memory
 
 
 @dataclass(frozen=True)
 class GpuSettings:
-    """Encoder settings; decoding needs none."""
+    """Encoder settings; a decoder reads what it needs from the message (only `backend`
+    and `graphs` apply to decoding too)."""
 
     #: target relative L2 error of the whole tensor; the step size follows from it.
     #: Unit: ||error|| / ||x||. The header states a hard bound (about 1.7x this).
@@ -74,8 +74,11 @@ class GpuSettings:
             raise CodecError(f"gpu codec rel_err must be in (0, 1), got {self.rel_err!r}")
         if not (isinstance(self.lanes, int) and 1 <= self.lanes <= 1024 and self.lanes & (self.lanes - 1) == 0):
             raise CodecError(f"gpu codec lanes must be a power of two in [1, 1024], got {self.lanes!r}")
-        if not isinstance(self.graphs, bool):
-            raise CodecError(f"gpu codec graphs must be true or false, got {self.graphs!r}")
+        if not (isinstance(self.channel_rel_err, (int, float)) and 0 <= self.channel_rel_err < math.inf):
+            raise CodecError(f"gpu codec channel_rel_err must be a number >= 0, got {self.channel_rel_err!r}")
+        for name in ("transform", "temporal", "graphs"):
+            if not isinstance(getattr(self, name), bool):
+                raise CodecError(f"gpu codec {name} must be true or false, got {getattr(self, name)!r}")
         if self.backend not in ("auto", "torch", "triton"):
             raise CodecError(f"gpu codec backend must be auto, torch or triton, got {self.backend!r}")
         if not (isinstance(self.max_steps, int) and isinstance(self.min_steps, int)
@@ -97,6 +100,27 @@ def _to_bytes(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
     return host, sizes
 
 
+def _check_small_parts(frames: dict, words_bytes: int, n_coef: int) -> None:
+    """The parts that steer the decoder, checked on the host before anything reaches a
+    kernel (they are small; the word stream itself is checked as it decodes): a corrupt
+    count would otherwise point the decoder's reads outside its stream."""
+    group_words = np.frombuffer(frames["group_words"], dtype=np.int32)
+    if (group_words < 0).any() or int(group_words.sum(dtype=np.int64)) != words_bytes // 2:
+        raise CodecError("gpu codec word counts do not match the word stream: truncated or corrupt")
+    freq = np.frombuffer(frames["freq"], dtype=np.int16).reshape(-1, ALPHABET)
+    totals = freq.sum(axis=1, dtype=np.int64)
+    if (freq < 0).any() or ((totals != 0) & (totals != PROB_SCALE)).any():
+        raise CodecError("gpu codec frequency tables are corrupt")
+    if (np.frombuffer(frames["shifts"], dtype=np.uint8) > MAX_SHIFT).any() or \
+            (np.frombuffer(frames["buckets"], dtype=np.uint8) >= N_BUCKETS).any():
+        raise CodecError("gpu codec context or step buffers are corrupt")
+    esc_pos = np.frombuffer(frames["esc_pos"], dtype=np.int64)
+    if ((esc_pos < 0) | (esc_pos >= n_coef)).any():
+        raise CodecError("gpu codec escape positions point outside the tensor")
+    if not np.isfinite(np.frombuffer(frames["esc_val"], dtype=np.float32)).all():
+        raise CodecError("gpu codec escape values are not finite")
+
+
 def _assemble(parts: dict, tables: list, delta: bool) -> tuple[list, list]:
     """The torch backend's parts as message buffers (names, memoryviews): one host copy."""
     names = ["shifts", "buckets", "freq", "group_words", "states", "words", "esc_pos", "esc_val"]
@@ -114,16 +138,12 @@ def _assemble(parts: dict, tables: list, delta: bool) -> tuple[list, list]:
     return names, buffers
 
 
-def _aligned(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
-
-
 def _upload(chunks: list, device: torch.device) -> tuple[torch.Tensor, list[int]]:
     """Buffers (received bytes or small arrays) into one tensor on `device`, each at an
     ALIGN-ed offset so typed views need no copies: one host copy (into pinned memory for
     a GPU), one upload. Received buffers are read-only, so the host copy is owed anyway."""
     sizes = [memoryview(c).nbytes for c in chunks]
-    offsets = np.cumsum([0] + [_aligned(n) for n in sizes]).tolist()
+    offsets = np.cumsum([0] + [aligned(n) for n in sizes]).tolist()
     host = torch.empty(max(offsets[-1], ALIGN), dtype=torch.uint8, pin_memory=device.type == "cuda")
     for chunk, at, end, n in zip(chunks, offsets, offsets[1:], sizes):
         if n:
@@ -139,6 +159,8 @@ def _upload(chunks: list, device: torch.device) -> tuple[torch.Tensor, list[int]
 def _fused(settings: GpuSettings, device: torch.device) -> bool:
     if settings.backend == "auto":
         return gpu_kernels.available(device)
+    if settings.backend == "triton" and gpu_kernels.triton is None:
+        raise CodecError("gpu codec backend 'triton' needs the triton package (CUDA builds of torch bring it)")
     return settings.backend == "triton"
 
 
@@ -221,20 +243,25 @@ class GpuCodec:
                                                       "esc_pos", "esc_val"]
         if sorted(parts) != sorted(names) or len(buffers) != len(names):
             raise CodecError(f"gpu codec message needs {len(names)} buffers {names}, got {len(buffers)}")
+        if n_txt < 0 or h < 0 or w < 0:
+            raise CodecError(f"gpu codec grid {[n_txt, h, w]} has negative sizes")
+        if not (math.isfinite(step) and step > 0):
+            raise CodecError(f"gpu codec step size {step!r} is not a positive number")
         p = make_layout(shape, TokenLayout(n_txt, h, w) if h else None, True)
         loud = header.get("loud", [])
         if not (isinstance(loud, list) and all(isinstance(i, int) and 0 <= i < p.image_tokens for i in loud)
                 and loud == sorted(set(loud)) and len(loud) <= max(p.loud_capacity, 0)):
             raise CodecError("gpu codec header lists impossible loud tokens")
         p = Layout(p.batch, p.tokens, p.channels, p.n_txt, p.h, p.w, tuple(loud))
-        if p.batch * p.tokens * p.channels != math.prod(shape) or (not h and n_txt != p.tokens) or \
-                (h and p.n_txt != n_txt):
+        if (not h and n_txt != p.tokens) or (h and p.n_txt != n_txt):
             raise CodecError(f"gpu codec grid {[n_txt, h, w]} does not fit shape {shape}")
         geo = Geometry(p.n_coef, lanes, steps, groups)
-        # the fused encoder sends groups for the most loud rows; the ones past them are empty
-        most_groups = -(-(p.fixed_rows + p.loud_capacity) * p.channels // max(steps * lanes, 1))
-        if lanes < 1 or steps < 1 or groups < 1 or geo.padded < geo.n or lanes & (lanes - 1) or \
-                groups > max(most_groups, 1):
+        # An encoder sizes the geometry for the most loud rows (the fused one sends the
+        # groups past the actual rows too: they are empty). Anything larger is refused:
+        # steps compile into the kernels, and offsets must stay in int32.
+        most = max((p.fixed_rows + p.loud_capacity) * p.channels, 1)
+        if not (1 <= lanes <= 1024 and lanes & (lanes - 1) == 0 and 1 <= steps <= min(65536, -(-most // lanes))
+                and 1 <= groups <= -(-most // (steps * lanes)) and geo.n <= geo.padded < 2 ** 31):
             raise CodecError(f"gpu codec rANS geometry {lanes}x{steps}x{groups} does not fit {geo.n} symbols")
         if delta and (state is None or state.reference is None or state.signature != p or
                       stream.get("ref") != state.seq):
@@ -254,6 +281,7 @@ class GpuCodec:
                 raise CodecError(f"gpu codec buffer {name!r} has {sizes[name]} bytes, expected {size}")
         if sizes["words"] % 2:
             raise CodecError("gpu codec word stream has an odd number of bytes: truncated or corrupt")
+        _check_small_parts(dict(zip(names, buffers)), sizes["words"], p.n_coef)
         dev = torch.device(device) if device is not None else torch.device("cpu")
         extras = {"step": np.array([step], dtype=np.float32), "tables": np.array(tables or [0], dtype=np.int64),
                   "loud": np.array(loud or [-1], dtype=np.int64)}

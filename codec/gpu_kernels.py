@@ -28,13 +28,14 @@ one by one, an encode's ~70 kernels cost more host time than the GPU spends on t
 from __future__ import annotations
 
 import math
+import threading
 import time
 
 import torch
 
 from . import entropy_triton
 from .entropy import ALPHABET, ESCAPE, EXACT_TOKENS, MAX_EXP, PROB_SCALE, Geometry, normalize_counts
-from .gpu_layout import (LOUD_CLASS, MAX_SHIFT, N_BUCKETS, N_CLASSES, ROWS_PER_BLOCK, STATS_ROWS, TEXT_CLASS, Layout,
+from .gpu_layout import (LOUD_CLASS, MAX_SHIFT, aligned, N_BUCKETS, N_CLASSES, ROWS_PER_BLOCK, STATS_ROWS, TEXT_CLASS, Layout,
                          channel_centre, channel_shifts, channel_spread, channel_steps, column_medians,
                          context_buckets, dct2_matrix, find_loud, round_step, sample_rows)
 
@@ -186,7 +187,7 @@ if triton is not None:
 
     @triton.jit
     def _quantise_kernel(x_ptr, center_ptr, loud_mask_ptr, loud_idx_ptr, n_loud_ptr, d2_ptr, ref_ptr, new_ref_ptr, steps_ptr,
-                         inv_ptr, bucket_ptr, q_ptr, key_ptr, err_ptr, esc_count_ptr, esc_pos_ptr, esc_val_ptr,
+                         inv_ptr, bucket_ptr, q_ptr, key_ptr, esc_count_ptr, esc_pos_ptr, esc_val_ptr,
                          ESC_CAP, GROUPS, T, N_TXT, H, W, HB, WB, TEXT_TILES, BLOCK_TILES, TEXT_ROWS, FIXED_ROWS,
                          C: tl.constexpr, CB: tl.constexpr, CHUNKS: tl.constexpr, HAS_REF: tl.constexpr,
                          WRITE_REF: tl.constexpr, KEPT: tl.constexpr, TEXT: tl.constexpr, LOUD: tl.constexpr,
@@ -197,7 +198,6 @@ if triton is not None:
         sym, ok, cls, xrow, own, img = _rows(tile, T, N_TXT, H, W, HB, WB, TEXT_TILES, BLOCK_TILES, TEXT_ROWS,
                                              FIXED_ROWS, n_loud, loud_idx_ptr, TEXT, LOUD)
         d2 = _load_dct(d2_ptr, False)
-        err = tl.zeros((CB,), tl.float32)
         for j in range(CHUNKS):
             ch = ((p % GROUPS) * CHUNKS + j) * CB + tl.arange(0, CB)
             cm = ch < C
@@ -215,8 +215,6 @@ if triton is not None:
             q = tl.where(esc, -32768, qf.to(tl.int32))
             tl.store(q_ptr + at, q.to(tl.int16), mask=m)
             recon = tl.where(esc, coef, qf * s[None, :])
-            e = tl.where(m, coef - recon, 0.0)
-            err += tl.sum(e * e, 0)
             if WRITE_REF:
                 if HAS_REF:
                     recon += ref
@@ -226,11 +224,11 @@ if triton is not None:
                 keep = esc & (slot < ESC_CAP)
                 tl.store(esc_pos_ptr + slot, at, mask=keep)
                 tl.store(esc_val_ptr + slot, coef, mask=keep)
-            # The rANS tables come from a sample: 64 / ROWS_KEPT rows of every tile write
-            # their (context, token) keys for one torch.histc. Rows r = v (mod 8), v turning
-            # with the tile, so every frequency band and channel is sampled alike; a sample
-            # of whole programs (1/13) cost 5 % of the ratio, and tl.histogram over 2048
-            # bins took 4 ms for the whole carry.
+            # The rANS tables come from a sample: KEPT of the 64 rows of every tile write
+            # their (context, token) keys for one torch.histc: rows r = v (mod 64 / KEPT),
+            # v turning with the tile and channel group, so every frequency band and channel
+            # is sampled alike. A sample of whole programs (1/13) cost 5 % of the ratio;
+            # tl.histogram over 2048 bins took 4 ms for the whole carry.
             r = tl.arange(0, 64)
             v = (tile + p % GROUPS) % (64 // KEPT)
             tok, nr, raw = tokenize(q, EXACT, MAXE, ESC)
@@ -238,7 +236,6 @@ if triton is not None:
             at_key = ((p * CHUNKS + j) * KEPT + r // (64 // KEPT))[:, None] * CB + tl.arange(0, CB)[None, :]
             tl.store(key_ptr + at_key, tl.where(m, b * 64 + tok, -1).to(tl.float32),
                      mask=(r % (64 // KEPT) == v)[:, None])
-        tl.store(err_ptr + p, tl.sum(err, 0))
 
     @triton.jit
     def _inverse_kernel(coef_ptr, ref_ptr, new_ref_ptr, center_ptr, loud_mask_ptr, loud_idx_ptr, n_loud, d2_ptr,
@@ -392,15 +389,17 @@ def encode(x: torch.Tensor, layout: Layout, settings, reference: dict | None, ke
     _mark("start")
     p = layout
     inputs = _Inputs.of(x, p, reference)
-    captured = settings.graphs and x.is_cuda
-    if captured:
-        dev, meta = _captured(x, p, settings, reference is not None, keep).run(x, inputs)
-    else:
-        dev = _launch(x, p, settings, inputs, keep)
-        _mark("queued")
-        meta = dev["meta"].cpu()
+    if settings.graphs and x.is_cuda:
+        graph = _captured(x, p, settings, reference is not None, keep)
+        with graph.lock:  # its buffers serve one message at a time
+            dev, meta = graph.run(x, inputs)
+            _mark("sizes")
+            return _finish(dev, meta, p, reference is not None, keep, captured=True)
+    dev = _launch(x, p, settings, inputs, keep)
+    _mark("queued")
+    meta = dev["meta"].cpu()
     _mark("sizes")
-    return _finish(dev, meta, p, reference is not None, keep, captured)
+    return _finish(dev, meta, p, reference is not None, keep, captured=False)
 
 
 class _Inputs:
@@ -466,7 +465,6 @@ def _launch(x: torch.Tensor, p: Layout, settings, inputs: _Inputs, keep: bool) -
     buckets = context_buckets(cells[0], cells[1], steps_c).contiguous()
     max_rows = p.fixed_rows + p.loud_capacity
     q16 = torch.empty(max_rows * p.channels, dtype=torch.int16, device=device)
-    err_part = torch.empty(grid.programs, dtype=torch.float32, device=device)
     esc_count = torch.zeros(1, dtype=torch.int32, device=device)
     esc_pos = torch.full((ESCAPE_CAPACITY,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=device)
     esc_val = torch.empty(ESCAPE_CAPACITY, dtype=torch.float32, device=device)
@@ -476,7 +474,7 @@ def _launch(x: torch.Tensor, p: Layout, settings, inputs: _Inputs, keep: bool) -
     keys = torch.empty(grid.programs * CHUNKS * kept * CHANNEL_BLOCK, dtype=torch.float32, device=device)
     _quantise_kernel[(grid.programs,)](x, *common["pointers"], ref if ref is not None else x,
                                        new_ref if new_ref is not None else x, steps_c, inv_c, buckets,
-                                       q16, keys, err_part, esc_count, esc_pos, esc_val, ESCAPE_CAPACITY,
+                                       q16, keys, esc_count, esc_pos, esc_val, ESCAPE_CAPACITY,
                                        HAS_REF=delta, WRITE_REF=keep, KEPT=kept, EXACT=EXACT_TOKENS,
                                        MAXE=MAX_EXP, ESC=ESCAPE, **grid.args())
     hist = torch.histc(keys, bins=HIST_BINS, min=0, max=HIST_BINS)  # keys < 0 (no symbol) fall outside
@@ -503,8 +501,7 @@ def _launch(x: torch.Tensor, p: Layout, settings, inputs: _Inputs, keep: bool) -
     entropy_triton.gather_words(buf, counts, layout.view(payload, "words"))
     esc_pos, order = esc_pos.sort()
     meta = torch.cat([counts.sum(dtype=torch.int64).reshape(1), esc_count.to(torch.int64), n_loud.reshape(1).long(),
-                      step.reshape(1).view(torch.int32).long(), tot_sq.reshape(1).view(torch.int64),
-                      err_part.sum(dtype=torch.float64).reshape(1).view(torch.int64), loud_idx])
+                      step.reshape(1).view(torch.int32).long(), tot_sq.reshape(1).view(torch.int64), loud_idx])
     return {"meta": meta, "payload": payload, "layout": layout, "center": center, "esc_pos": esc_pos,
             "esc_val": esc_val[order], "new_ref": new_ref, "loud_idx": loud_idx}
 
@@ -514,8 +511,6 @@ class _Payload:
     parts at ALIGN-ed offsets (typed views need them), the words last, so the bytes to
     copy back are one prefix. All 32 context tables travel (2.5 KB), and every group,
     also those the loud rows left empty (they decode to nothing)."""
-
-    ALIGN = 8
 
     def __init__(self, p: Layout, geo: Geometry):
         self.geo = geo
@@ -527,7 +522,7 @@ class _Payload:
         for name, (count, dtype) in sizes.items():
             nbytes = count * dtype.itemsize
             self.parts[name] = (at, nbytes, dtype)
-            at += -(-nbytes // self.ALIGN) * self.ALIGN
+            at += aligned(nbytes)
         self.capacity = at
 
     def view(self, payload: torch.Tensor, name: str) -> torch.Tensor:
@@ -554,11 +549,11 @@ def _finish(dev: dict, meta: torch.Tensor, p: Layout, delta: bool, keep: bool, c
         raise _non_finite()
     if n_esc > ESCAPE_CAPACITY:
         return None
-    loud = tuple(int(i) for i in meta[6:6 + n_loud])
+    loud = tuple(int(i) for i in meta[5:5 + n_loud])
     full = Layout(p.batch, p.tokens, p.channels, p.n_txt, p.h, p.w, loud)
     layout = dev["layout"]
     used = layout.used_bytes(total_words)
-    esc_at = -(-used // 8) * 8  # the escapes after the payload, aligned for their typed views
+    esc_at = aligned(used)  # the escapes after the payload, aligned for their typed views
     on_gpu = dev["payload"].is_cuda
     host = torch.empty(esc_at + 12 * n_esc, dtype=torch.uint8, pin_memory=on_gpu)
     host[:used].copy_(dev["payload"][:used], non_blocking=True)
@@ -578,8 +573,7 @@ def _finish(dev: dict, meta: torch.Tensor, p: Layout, delta: bool, keep: bool, c
     buffers["esc_pos"], buffers["esc_val"] = view[esc_at:esc_at + 8 * n_esc], view[esc_at + 8 * n_esc:]
     out = {"layout": full, "step": float(meta[3:4].to(torch.int32).view(torch.float32)), "geo": layout.geo,
            "tables": list(range(N_BUCKETS)), "norm": math.sqrt(float(meta[4:5].view(torch.float64))),
-           "coef_err": math.sqrt(max(float(meta[5:6].view(torch.float64)), 0.0)), "buffers": buffers,
-           "n_esc": n_esc}
+           "buffers": buffers, "n_esc": n_esc}
     if delta:
         del buffers["center"]
     if keep:
@@ -604,14 +598,14 @@ class _Captured:
                                   torch.full((cap,), -1, dtype=torch.int64, device=device),
                                   torch.zeros((), dtype=torch.int64, device=device),
                                   torch.zeros((p.fixed_rows + p.loud_capacity) * p.channels, device=device))
-        self.meta = None
+        self.lock = threading.Lock()
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # compile and warm up outside the capture
             _launch(self.x, p, settings, self.inputs, keep)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):  # other threads may run
             self.out = _launch(self.x, p, settings, self.inputs, keep)
         self.meta = torch.empty(self.out["meta"].numel(), dtype=torch.int64, pin_memory=True)
 
@@ -632,18 +626,26 @@ class _Captured:
 
 
 _GRAPHS: dict = {}
-MAX_GRAPHS = 4  # captured shapes kept (each holds its workspace: ~8x the carry's bytes)
+_DECODE_GRAPHS: dict = {}
+_CACHE_LOCK = threading.Lock()  # the caches are shared by every codec instance and thread
+MAX_GRAPHS = 4  # captured shapes kept per cache (each holds its workspace: ~8x the carry's bytes)
+
+
+def _cached(cache: dict, key: tuple, make):
+    """The cache's graph for `key`, made on first use; the least recently used goes."""
+    with _CACHE_LOCK:
+        graph = cache.pop(key, None)
+        if graph is None:
+            graph = make()
+            while len(cache) >= MAX_GRAPHS:
+                cache.pop(next(iter(cache)))
+        cache[key] = graph  # most recent last
+        return graph
 
 
 def _captured(x: torch.Tensor, p: Layout, settings, delta: bool, keep: bool) -> _Captured:
     key = (str(x.device), x.dtype, p.batch, p.tokens, p.channels, p.n_txt, p.h, p.w, settings, delta, keep)
-    graph = _GRAPHS.pop(key, None)
-    if graph is None:
-        graph = _Captured(x, p, settings, delta, keep)
-        while len(_GRAPHS) >= MAX_GRAPHS:
-            _GRAPHS.pop(next(iter(_GRAPHS)))
-    _GRAPHS[key] = graph  # most recent last
-    return graph
+    return _cached(_GRAPHS, key, lambda: _Captured(x, p, settings, delta, keep))
 
 
 def _non_finite():
@@ -706,19 +708,20 @@ class _DecodeGraph:
         self.offsets, at = {}, 0
         for name, (nbytes, dtype) in spec.items():
             self.offsets[name] = at
-            at += -(-nbytes // 8) * 8
+            at += aligned(nbytes)
         self.capacity = at
         self.host = torch.zeros(at, dtype=torch.uint8, pin_memory=True)
         self.blob = torch.zeros(at, dtype=torch.uint8, device=device)
         self.center = torch.zeros(p.channels, device=device)
         self.ref = torch.zeros(p.n_coef, device=device) if delta else None
+        self.lock = threading.Lock()
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # compile and warm up outside the capture
             self._decode(out_dtype)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):  # other threads may run
             self.out, self.new_ref, self.bad, self.used_center = self._decode(out_dtype)
 
     def _view(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
@@ -761,18 +764,11 @@ class _DecodeGraph:
         return out, new_ref, center, bool(self.bad.item())
 
 
-_DECODE_GRAPHS: dict = {}
-
-
 def decode_captured(frames: dict, spec: dict, p: Layout, geo: Geometry, out_dtype, delta: bool, keep: bool,
                     center, reference, device) -> tuple:
     """Decode through a captured graph for this message shape (made on first use)."""
     key = (str(device), tuple(spec.items()), p.batch, p.tokens, p.channels, p.n_txt, p.h, p.w, len(p.loud),
            geo.lanes, geo.steps, geo.groups, out_dtype, delta, keep)
-    graph = _DECODE_GRAPHS.pop(key, None)
-    if graph is None:
-        graph = _DecodeGraph(spec, p, geo, out_dtype, delta, keep, device)
-        while len(_DECODE_GRAPHS) >= MAX_GRAPHS:
-            _DECODE_GRAPHS.pop(next(iter(_DECODE_GRAPHS)))
-    _DECODE_GRAPHS[key] = graph
-    return graph.run(frames, center, reference)
+    graph = _cached(_DECODE_GRAPHS, key, lambda: _DecodeGraph(spec, p, geo, out_dtype, delta, keep, device))
+    with graph.lock:  # its buffers serve one message at a time
+        return graph.run(frames, center, reference)

@@ -40,6 +40,11 @@ LOUD_FACTOR = 4.0  # image tokens this many times the median centred token norm 
 MAX_LOUD_FRACTION = 1 / 64  # at most this share of image tokens
 MAX_SHIFT = 15  # per-channel steps go down to step / 2^15
 STATS_ROWS = 256  # tokens sampled for each channel's median centre and spread
+ALIGN = 8  # byte alignment of each part of a message in memory (typed views need it)
+
+
+def aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
 
 
 def band_of_frequency(u_plus_v: int) -> int:
@@ -103,7 +108,7 @@ def make_layout(shape: tuple[int, ...], hint: TokenLayout | None, use_grid: bool
     channels = shape[-1] if shape else 1
     tokens = shape[-2] if len(shape) >= 2 else 1
     batch = math.prod(shape[:-2]) if len(shape) > 2 else 1
-    if use_grid and hint is not None and hint.tokens == tokens and hint.h > 0 and hint.w > 0:
+    if use_grid and hint is not None and hint.tokens == tokens and hint.h > 0 and hint.w > 0 and hint.n_txt >= 0:
         return Layout(batch, tokens, channels, hint.n_txt, hint.h, hint.w)
     return Layout(batch, tokens, channels, tokens, 0, 0)
 

@@ -181,11 +181,21 @@ def test_lost_message_is_detected_and_a_key_message_recovers():
     assert _rel(decode(codec.encode(b, state=enc, layout=SPEC.layout), state=dec), b) <= 0.05
 
 
+def _with_one_escape(msg, position: int, value: float) -> EncodedTensor:
+    names = list(msg.header["parts"])
+    buffers = list(msg.buffers)
+    buffers[names.index("esc_pos")] = torch.tensor([position]).numpy().tobytes()
+    buffers[names.index("esc_val")] = torch.tensor([value]).numpy().tobytes()
+    return EncodedTensor(msg.header | {"n_esc": 1}, buffers)
+
+
 def test_corrupt_messages_are_refused_cleanly():
     x = synthetic_carry(SPEC)
     msg = get("gpu").encode(x, layout=SPEC.layout)
+    assert msg.header["n_esc"] == 0
     names = list(msg.header["parts"])
-    words = names.index("words")
+    words, counts = names.index("words"), names.index("group_words")
+    lanes, steps, groups = msg.header["rans"]
     cases = {
         "truncated words": with_buffer(msg, words, bytes(msg.buffers[words])[:-100]),
         "flipped words": with_buffer(msg, words, bytes(b ^ 0x5A for b in bytes(msg.buffers[words]))),
@@ -194,14 +204,24 @@ def test_corrupt_messages_are_refused_cleanly():
         "wrong version": EncodedTensor(msg.header | {"v": 9}, msg.buffers),
         "wrong shape": EncodedTensor(msg.header | {"shape": [1, 641, 128]}, msg.buffers),
         "garbage grid": EncodedTensor(msg.header | {"grid": "x"}, msg.buffers),
-        "escape outside": with_buffer(msg, names.index("esc_pos"), torch.tensor([10**12]).numpy().tobytes())
-        if msg.header["n_esc"] == 0 else msg,
+        # 640 tokens as -4 text tokens and a 28 x 23 grid: sizes that add up but cannot be
+        "negative text tokens": EncodedTensor(msg.header | {"grid": [-4, 28, 23]}, msg.buffers),
+        # a few bytes that would keep a decoder busy for days, or overflow its offsets
+        "absurd rANS geometry": EncodedTensor(msg.header | {"rans": [lanes, 2 ** 30, 1]}, msg.buffers),
+        # a word count that would point the decoder's reads before its stream
+        "negative word count": with_buffer(msg, counts, torch.tensor([-10 ** 8] + [0] * (groups - 1),
+                                                                     dtype=torch.int32).numpy().tobytes()),
+        "step not a number": EncodedTensor(msg.header | {"step": float("nan")}, msg.buffers),
+        "escape outside": _with_one_escape(msg, 10 ** 12, 1.0),
+        "escape not finite": _with_one_escape(msg, 5, float("inf")),
     }
     for name, bad in cases.items():
-        if name == "escape outside":
-            bad = EncodedTensor(bad.header, bad.buffers[:-1] + [torch.tensor([1.0]).numpy().tobytes()])
         with pytest.raises(CodecError):
             decode(bad)
+        state = StreamState()
+        with pytest.raises(CodecError):
+            decode(bad, state=state)
+        assert state.reference is None, name  # a refused message leaves the stream as it was
 
 
 def test_settings_are_checked():
@@ -291,6 +311,16 @@ def test_fused_backend_and_torch_backend_read_each_other():
         "assert m.header['stream']['delta'] and m.header['loud']\n"
         "m = torch_.encode(a, layout=spec.layout)\n"
         "assert m.header['n_esc'] >= 1 and rel(fused.decode(m, dev), a) <= m.rel_err_bound\n"
+        "# corrupt words reach the kernels and are refused by their flag, not a crash\n"
+        "from comfy_mesh.codec import CodecError\n"
+        "from comfy_mesh.codec.base import EncodedTensor\n"
+        "names = list(m.header['parts'])\n"
+        "flipped = [bytes(x ^ 0x5A for x in bytes(b)) if n == 'words' else b for n, b in zip(names, m.buffers)]\n"
+        "try:\n"
+        "    fused.decode(EncodedTensor(m.header, flipped), dev)\n"
+        "    raise SystemExit('corrupt words decoded')\n"
+        "except CodecError:\n"
+        "    pass\n"
         "print('both ways')\n", "both ways")
 
 
