@@ -3,9 +3,9 @@
 For cards without NVENC (H100, H200, AMD, CPU). Every stage runs where the tensor is;
 the only host transfers are the final bytes, one copy each way, and on encode one small
 copy of their sizes. Two backends write and read the same messages:
-codec/gpu_kernels.py (fused Triton kernels, CUDA) and codec/gpu_reference.py (torch
-ops, anywhere; its docstring walks through the pipeline). codec/gpu_layout.py says
-where each coefficient comes from.
+codec/gpu_kernels.py (fused Triton kernels, run as CUDA graphs by codec/gpu_graphs.py)
+and codec/gpu_reference.py (torch ops, anywhere; its docstring walks through the
+pipeline). codec/gpu_layout.py says where each coefficient comes from.
 
 Error: every coefficient is off by at most step/2 (escapes are exact), the transform
 is orthonormal, so ||error|| <= step/2 * sqrt(N): the header states this bound.
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import gpu_kernels, gpu_reference
+from . import gpu_graphs, gpu_kernels, gpu_reference
 from .base import CodecError, CodecStateError, EncodedTensor, StreamState, TokenLayout
 from .checks import check_codec_and_version, dtype_name, header_dtype, header_field, header_shape, message_parts
 from .entropy import ALPHABET, PROB_SCALE, Geometry
@@ -194,7 +194,7 @@ class GpuCodec:
             p = state.signature  # keep the reference's loud tokens, so the delta lines up
         parts = None
         if _fused(s, x.device) and x.numel():
-            parts = gpu_kernels.encode(x.contiguous(), p, s, reference, temporal)
+            parts = gpu_graphs.encode(x.contiguous(), p, s, reference, temporal)
         if parts is None:  # no kernels here, or more escapes than the kernels collect
             parts = gpu_reference.encode(x, p, s, reference, temporal)
         p, geo, step, norm, used = parts["layout"], parts["geo"], parts["step"], parts["norm"], parts["tables"]
@@ -287,7 +287,7 @@ class GpuCodec:
                   "loud": np.array(loud or [-1], dtype=np.int64)}
         keep = state is not None and bool(stream)
         if (_fused(self.settings, dev) and dev.type == "cuda" and self.settings.graphs and tables
-                and n_esc <= gpu_kernels.GRAPH_ESCAPES and sizes["words"] <= 4 * geo.padded):
+                and n_esc <= gpu_graphs.GRAPH_ESCAPES and sizes["words"] <= 4 * geo.padded):
             return self._decode_captured(buffers, names, sizes, extras, n_esc, p, geo, out_dtype, delta, keep,
                                          state, stream, shape, dev)
         blob, offsets = _upload([buffers[names.index(n)] for n in names] + list(extras.values()), dev)
@@ -327,12 +327,12 @@ class GpuCodec:
         spec = {name: (sizes[name], _PART_TYPES[name]) for name in names if name not in ("esc_pos", "esc_val", "words")}
         spec.update({name: (len(arr.tobytes()), torch.from_numpy(arr).dtype) for name, arr in extras.items()})
         spec.update({"total_words": (8, torch.int64), "n_esc": (8, torch.int64),
-                     "esc_pos": (8 * gpu_kernels.GRAPH_ESCAPES, torch.int64),
-                     "esc_val": (4 * gpu_kernels.GRAPH_ESCAPES, torch.float32),
+                     "esc_pos": (8 * gpu_graphs.GRAPH_ESCAPES, torch.int64),
+                     "esc_val": (4 * gpu_graphs.GRAPH_ESCAPES, torch.float32),
                      "words": (4 * geo.padded, torch.int16)})  # words last: the upload is one prefix
         center = state.reference["center"] if delta else None
         reference = state.reference["coef"] if delta else None
-        x, new_ref, used_center, bad = gpu_kernels.decode_captured(frames, spec, p, geo, out_dtype, delta, keep,
+        x, new_ref, used_center, bad = gpu_graphs.decode_captured(frames, spec, p, geo, out_dtype, delta, keep,
                                                                    center, reference, dev)
         if bad:
             raise CodecError("gpu codec message is corrupt: its tables, word stream or escapes do not add up")

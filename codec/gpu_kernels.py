@@ -21,14 +21,13 @@ Decode: rANS straight to dequantised coefficients, the escapes put back, then on
 that adds the temporal reference, runs the inverse DCT, adds the centre and writes the
 output dtype. Checks of the message's contents collect in one device flag, read once.
 
-On CUDA both run as CUDA graphs, one per shape (`_Captured`, `_DecodeGraph`): launched
-one by one, an encode's ~70 kernels cost more host time than the GPU spends on them.
+codec/gpu_graphs.py runs both as CUDA graphs, one per shape: launched one by one, an
+encode's ~70 kernels cost more host time than the GPU spends on them.
 """
 
 from __future__ import annotations
 
 import math
-import threading
 import time
 
 import torch
@@ -328,7 +327,7 @@ def _column_medians(rows: torch.Tensor) -> torch.Tensor:
 PHASES: dict | None = None
 
 
-def _mark(name: str) -> None:
+def mark(name: str) -> None:
     if PHASES is not None:
         PHASES[name] = time.perf_counter()
 
@@ -382,34 +381,14 @@ def _fit(grid: _Grid, common: dict, x, ref, spread, floor, target_sq, stride: in
     return best, shifts, steps, inv
 
 
-def encode(x: torch.Tensor, layout: Layout, settings, reference: dict | None, keep: bool) -> dict | None:
-    """Encode (B, T, C) `x` on its CUDA device: the parts of a message, as
-    gpu_reference.encode returns them, or None where this path cannot (more escapes
-    than it collects): the caller then uses the torch path."""
-    _mark("start")
-    p = layout
-    inputs = _Inputs.of(x, p, reference)
-    if settings.graphs and x.is_cuda:
-        graph = _captured(x, p, settings, reference is not None, keep)
-        with graph.lock:  # its buffers serve one message at a time
-            dev, meta = graph.run(x, inputs)
-            _mark("sizes")
-            return _finish(dev, meta, p, reference is not None, keep, captured=True)
-    dev = _launch(x, p, settings, inputs, keep)
-    _mark("queued")
-    meta = dev["meta"].cpu()
-    _mark("sizes")
-    return _finish(dev, meta, p, reference is not None, keep, captured=False)
-
-
-class _Inputs:
+class Inputs:
     """What a delta message starts from (the stream's reference), or None's for a key."""
 
     def __init__(self, center=None, loud_idx=None, n_loud=None, ref=None):
         self.center, self.loud_idx, self.n_loud, self.ref = center, loud_idx, n_loud, ref
 
     @classmethod
-    def of(cls, x: torch.Tensor, p: Layout, reference: dict | None) -> "_Inputs":
+    def of(cls, x: torch.Tensor, p: Layout, reference: dict | None) -> "Inputs":
         if reference is None:
             return cls()
         loud_idx = reference.get("loud_idx")
@@ -419,7 +398,7 @@ class _Inputs:
                    reference["coef"])
 
 
-def _launch(x: torch.Tensor, p: Layout, settings, inputs: _Inputs, keep: bool) -> dict:
+def launch_encode(x: torch.Tensor, p: Layout, settings, inputs: Inputs, keep: bool) -> dict:
     """Every kernel of one encode, no host round trip: -> the device tensors a message
     is made of, and `meta` (sizes and flags, int64) for the one small copy back."""
     device = x.device
@@ -540,9 +519,10 @@ def _geometry(p: Layout, settings, delta: bool) -> Geometry:
                               settings.max_steps, target_groups=1 << 30)
 
 
-def _finish(dev: dict, meta: torch.Tensor, p: Layout, delta: bool, keep: bool, captured: bool) -> dict | None:
+def finish_encode(dev: dict, meta: torch.Tensor, p: Layout, delta: bool, keep: bool, captured: bool) -> dict | None:
     """From the kernels' outputs and the sizes read back: the message bytes on the host
-    (one copy of the payload's used prefix), and what gpu.py puts in the header. From a
+    (one copy of the payload's used prefix), and what gpu.py puts in the header, as
+    gpu_reference.encode returns it (None: more escapes than the kernels collect). From a
     captured graph, the reference is copied out: the next replay overwrites it."""
     total_words, n_esc, n_loud = int(meta[0]), int(meta[1]), int(meta[2])
     if not math.isfinite(float(meta[4:5].view(torch.float64))):
@@ -579,73 +559,6 @@ def _finish(dev: dict, meta: torch.Tensor, p: Layout, delta: bool, keep: bool, c
     if keep:
         out["reference"] = reference
     return out
-
-
-class _Captured:
-    """One shape's encode captured in a CUDA graph: the ~70 kernel launches of an encode
-    cost 3.7 ms of host time against 0.4 ms of GPU time after the last one (an H200);
-    a replay costs a few microseconds. Inputs are copied into the graph's own buffers,
-    outputs read from its own, before the next replay."""
-
-    def __init__(self, x: torch.Tensor, p: Layout, settings, delta: bool, keep: bool):
-        device = x.device
-        self.x = torch.empty_like(x)
-        self.x.copy_(x)
-        self.inputs = _Inputs()
-        if delta:
-            cap = max(p.loud_capacity, 1)
-            self.inputs = _Inputs(torch.zeros(p.channels, device=device),
-                                  torch.full((cap,), -1, dtype=torch.int64, device=device),
-                                  torch.zeros((), dtype=torch.int64, device=device),
-                                  torch.zeros((p.fixed_rows + p.loud_capacity) * p.channels, device=device))
-        self.lock = threading.Lock()
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # compile and warm up outside the capture
-            _launch(self.x, p, settings, self.inputs, keep)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):  # other threads may run
-            self.out = _launch(self.x, p, settings, self.inputs, keep)
-        self.meta = torch.empty(self.out["meta"].numel(), dtype=torch.int64, pin_memory=True)
-
-    def run(self, x: torch.Tensor, inputs: _Inputs) -> tuple[dict, torch.Tensor]:
-        self.x.copy_(x)
-        if inputs.ref is not None:
-            mine = self.inputs
-            mine.center.copy_(inputs.center)
-            mine.loud_idx.fill_(-1)
-            mine.loud_idx[: inputs.loud_idx.numel()].copy_(inputs.loud_idx)
-            mine.n_loud.copy_(inputs.n_loud)
-            mine.ref[: inputs.ref.numel()].copy_(inputs.ref)
-        self.graph.replay()
-        _mark("queued")
-        self.meta.copy_(self.out["meta"], non_blocking=True)
-        torch.cuda.current_stream(x.device).synchronize()
-        return self.out, self.meta
-
-
-_GRAPHS: dict = {}
-_DECODE_GRAPHS: dict = {}
-_CACHE_LOCK = threading.Lock()  # the caches are shared by every codec instance and thread
-MAX_GRAPHS = 4  # captured shapes kept per cache (each holds its workspace: ~8x the carry's bytes)
-
-
-def _cached(cache: dict, key: tuple, make):
-    """The cache's graph for `key`, made on first use; the least recently used goes."""
-    with _CACHE_LOCK:
-        graph = cache.pop(key, None)
-        if graph is None:
-            graph = make()
-            while len(cache) >= MAX_GRAPHS:
-                cache.pop(next(iter(cache)))
-        cache[key] = graph  # most recent last
-        return graph
-
-
-def _captured(x: torch.Tensor, p: Layout, settings, delta: bool, keep: bool) -> _Captured:
-    key = (str(x.device), x.dtype, p.batch, p.tokens, p.channels, p.n_txt, p.h, p.w, settings, delta, keep)
-    return _cached(_GRAPHS, key, lambda: _Captured(x, p, settings, delta, keep))
 
 
 def _non_finite():
@@ -693,82 +606,3 @@ def decode(pieces: dict, layout: Layout, geo: Geometry, center: torch.Tensor, re
                                       _loud_mask(loud_idx, p.image_tokens), loud_idx, len(p.loud), grid.d2, out,
                                       HAS_REF=reference is not None, WRITE_REF=keep, **grid.args())
     return out, new_ref, bad
-
-
-GRAPH_ESCAPES = 4096  # escapes a captured decoder has room for (more: the launched path)
-
-
-class _DecodeGraph:
-    """One message shape's decode captured in a CUDA graph. Its buffers: a pinned host
-    staging area and a device copy of it, each part at a fixed offset and the words last
-    (their count varies), so one upload of the used prefix feeds every replay."""
-
-    def __init__(self, spec: dict, p: Layout, geo: Geometry, out_dtype, delta: bool, keep: bool, device):
-        self.spec, self.p, self.geo, self.delta, self.keep = spec, p, geo, delta, keep
-        self.offsets, at = {}, 0
-        for name, (nbytes, dtype) in spec.items():
-            self.offsets[name] = at
-            at += aligned(nbytes)
-        self.capacity = at
-        self.host = torch.zeros(at, dtype=torch.uint8, pin_memory=True)
-        self.blob = torch.zeros(at, dtype=torch.uint8, device=device)
-        self.center = torch.zeros(p.channels, device=device)
-        self.ref = torch.zeros(p.n_coef, device=device) if delta else None
-        self.lock = threading.Lock()
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # compile and warm up outside the capture
-            self._decode(out_dtype)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):  # other threads may run
-            self.out, self.new_ref, self.bad, self.used_center = self._decode(out_dtype)
-
-    def _view(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
-        at = self.offsets[name]
-        nbytes, dtype = self.spec[name]
-        return tensor[at:at + nbytes].view(dtype)
-
-    def _decode(self, out_dtype):
-        pieces = {name: self._view(self.blob, name) for name in self.spec}
-        tables = pieces.pop("tables")
-        freq = torch.zeros(N_BUCKETS, ALPHABET, dtype=torch.int64, device=self.blob.device)
-        freq[tables] = pieces["freq"].to(torch.int64).view(tables.numel(), ALPHABET)
-        pieces["freq"] = freq
-        pieces["buckets"] = pieces["buckets"].view(N_CLASSES, self.p.channels)
-        pieces["states"] = pieces["states"].view(self.geo.groups, self.geo.lanes)
-        center = self.center if self.delta else pieces["center"].float()
-        return (*decode(pieces, self.p, self.geo, center, self.ref, self.keep, out_dtype), center)
-
-    def run(self, frames: dict, center: torch.Tensor | None, reference: torch.Tensor | None):
-        """`frames`: part name -> bytes-like (the message's buffers, and the small arrays
-        the header gives). -> (output, new reference or None, the centre, corrupt?); the
-        outputs are copies: the next replay overwrites the graph's own."""
-        import warnings
-        for name, frame in frames.items():
-            n = memoryview(frame).nbytes
-            if n:
-                with warnings.catch_warnings():  # read-only bytes: torch warns, and only reads them
-                    warnings.simplefilter("ignore", UserWarning)
-                    source = torch.frombuffer(frame, dtype=torch.uint8)
-                at = self.offsets[name]
-                self.host[at:at + n].copy_(source)
-        used = self.offsets["words"] + memoryview(frames["words"]).nbytes
-        self.blob[:used].copy_(self.host[:used], non_blocking=True)
-        if self.delta:
-            self.center.copy_(center)
-            self.ref.copy_(reference)
-        self.graph.replay()
-        out = self.out.clone()
-        new_ref, center = (self.new_ref.clone(), self.used_center.clone()) if self.keep else (None, None)
-        return out, new_ref, center, bool(self.bad.item())
-
-
-def decode_captured(frames: dict, spec: dict, p: Layout, geo: Geometry, out_dtype, delta: bool, keep: bool,
-                    center, reference, device) -> tuple:
-    """Decode through a captured graph for this message shape (made on first use)."""
-    key = (str(device), tuple(spec.items()), p.batch, p.tokens, p.channels, p.n_txt, p.h, p.w, len(p.loud),
-           geo.lanes, geo.steps, geo.groups, out_dtype, delta, keep)
-    graph = _cached(_DECODE_GRAPHS, key, lambda: _DecodeGraph(spec, p, geo, out_dtype, delta, keep, device))
-    with graph.lock:  # its buffers serve one message at a time
-        return graph.run(frames, center, reference)
