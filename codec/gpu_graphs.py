@@ -10,7 +10,9 @@ holds its workspace on the GPU (encode about 8x the carry's bf16 bytes, decode a
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 import warnings
 
 import torch
@@ -18,6 +20,8 @@ import torch
 from . import gpu_kernels as K
 from .entropy import ALPHABET, Geometry
 from .gpu_layout import N_BUCKETS, N_CLASSES, Layout, aligned
+
+log = logging.getLogger(__name__)
 
 
 def encode(x: torch.Tensor, layout: Layout, settings, reference: dict | None, keep: bool) -> dict | None:
@@ -88,12 +92,18 @@ _CACHE_LOCK = threading.Lock()  # the caches are shared by every codec instance 
 MAX_GRAPHS = 4  # captured shapes kept per cache (each holds its workspace: ~8x the carry's bytes)
 
 
-def _cached(cache: dict, key: tuple, make):
-    """The cache's graph for `key`, made on first use; the least recently used goes."""
+def _cached(cache: dict, key: tuple, make, what: str):
+    """The cache's graph for `key`, made on first use; the least recently used goes.
+    Making one compiles the kernels the first time on a machine (Triton keeps them on
+    disk after): up to about a minute, so it is logged."""
     with _CACHE_LOCK:
         graph = cache.pop(key, None)
         if graph is None:
+            started = time.perf_counter()
+            log.info("gpu codec: preparing the %s graph (the first time on a machine compiles its kernels, "
+                     "up to about a minute)", what)
             graph = make()
+            log.info("gpu codec: %s graph ready in %.1f s", what, time.perf_counter() - started)
             while len(cache) >= MAX_GRAPHS:
                 cache.pop(next(iter(cache)))
         cache[key] = graph  # most recent last
@@ -102,7 +112,8 @@ def _cached(cache: dict, key: tuple, make):
 
 def _encode_graph(x: torch.Tensor, p: Layout, settings, delta: bool, keep: bool) -> EncodeGraph:
     key = (str(x.device), x.dtype, p.batch, p.tokens, p.channels, p.n_txt, p.h, p.w, settings, delta, keep)
-    return _cached(_GRAPHS, key, lambda: EncodeGraph(x, p, settings, delta, keep))
+    what = f"{'delta' if delta else 'key'} encode {tuple(x.shape)}"
+    return _cached(_GRAPHS, key, lambda: EncodeGraph(x, p, settings, delta, keep), what)
 
 
 GRAPH_ESCAPES = 4096  # escapes a captured decoder has room for (more: the launched path)
@@ -178,6 +189,7 @@ def decode_captured(frames: dict, spec: dict, p: Layout, geo: Geometry, out_dtyp
     """Decode through a captured graph for this message shape (made on first use)."""
     key = (str(device), tuple(spec.items()), p.batch, p.tokens, p.channels, p.n_txt, p.h, p.w, len(p.loud),
            geo.lanes, geo.steps, geo.groups, out_dtype, delta, keep)
-    graph = _cached(_DECODE_GRAPHS, key, lambda: DecodeGraph(spec, p, geo, out_dtype, delta, keep, device))
+    what = f"{'delta' if delta else 'key'} decode {(p.batch, p.tokens, p.channels)}"
+    graph = _cached(_DECODE_GRAPHS, key, lambda: DecodeGraph(spec, p, geo, out_dtype, delta, keep, device), what)
     with graph.lock:  # its buffers serve one message at a time
         return graph.run(frames, center, reference)
