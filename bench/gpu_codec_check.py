@@ -138,12 +138,6 @@ def main() -> int:
     # 2. cross-device
     spec = CorpusSpec(channels=args.channels)
     x = synthetic_carry(spec).to(dev, torch.bfloat16)
-    eager = get("gpu", rel_err=0.05, graphs=False)
-    m, enc_s = timed(lambda: eager.encode(x, layout=spec.layout), args.repeat)
-    report["rel_err_0.05_without_graphs"] = {"encode_ms": enc_s * 1e3, "encode_min_ms": LAST_MIN * 1e3,
-                                             "ratio": x.numel() * 2 / m.nbytes,
-                                             "rel_l2": float((decode(m, dev).float() - x.float()).norm()
-                                                             / x.float().norm())}
     codec = get("gpu", rel_err=0.05)
     msg = codec.encode(x, layout=spec.layout)
     y_cpu = decode(msg, "cpu").float()

@@ -130,9 +130,12 @@ if triton is not None:
         return tl.load(d2_ptr + r[:, None] * 64 + r[None, :])
 
     @triton.jit
-    def _forward_tile(x_ptr, center_ptr, loud_mask_ptr, d2, tile, ch, cm, ok, xrow, img, TEXT_TILES, BLOCK_TILES,
-                      C: tl.constexpr, PREC: tl.constexpr):
-        """Centred coefficients of one tile's rows for channels `ch` (rows that do not exist: 0)."""
+    def _forward_tile(x_ptr, center_ptr, loud_mask_ptr, d2, tile, block, ok, xrow, img, TEXT_TILES, BLOCK_TILES,
+                      C: tl.constexpr, CB: tl.constexpr, PREC: tl.constexpr):
+        """Centred coefficients of one tile's rows for channel block `block` (rows that do
+        not exist: 0). -> (coefficients, channels, channel exists, element exists)."""
+        ch = block * CB + tl.arange(0, CB)
+        cm = ch < C
         m = ok[:, None] & cm[None, :]
         xv = tl.load(x_ptr + xrow.to(tl.int64)[:, None] * C + ch[None, :], mask=m, other=0.0).to(tl.float32)
         xv = tl.where(m, xv - tl.load(center_ptr + ch, mask=cm, other=0.0)[None, :], 0.0)
@@ -140,7 +143,7 @@ if triton is not None:
             loud = tl.load(loud_mask_ptr + img) != 0
             xv = tl.where(loud[:, None], 0.0, xv)  # a loud token's own row carries it
             xv = tl.dot(d2, xv, input_precision=PREC)
-        return xv
+        return xv, ch, cm, m
 
     @triton.jit
     def _fit_kernel(x_ptr, center_ptr, loud_mask_ptr, loud_idx_ptr, n_loud_ptr, d2_ptr, ref_ptr, steps_ptr, inv_ptr,
@@ -161,11 +164,8 @@ if triton is not None:
         kk = tl.arange(0, K)
         acc = tl.zeros((K,), tl.float32)
         for j in range(CHUNKS):
-            ch = ((p % GROUPS) * CHUNKS + j) * CB + tl.arange(0, CB)
-            cm = ch < C
-            coef = _forward_tile(x_ptr, center_ptr, loud_mask_ptr, d2, tile, ch, cm, ok, xrow, img, TEXT_TILES,
-                                 BLOCK_TILES, C, PREC)
-            m = ok[:, None] & cm[None, :]
+            coef, ch, cm, m = _forward_tile(x_ptr, center_ptr, loud_mask_ptr, d2, tile, (p % GROUPS) * CHUNKS + j,
+                                            ok, xrow, img, TEXT_TILES, BLOCK_TILES, C, CB, PREC)
             if HAS_REF:
                 coef -= tl.load(ref_ptr + sym.to(tl.int64)[:, None] * C + ch[None, :], mask=m, other=0.0)
             if SQ:  # sampled: each cell's sum of squares and how many rows it saw
@@ -198,11 +198,8 @@ if triton is not None:
                                              FIXED_ROWS, n_loud, loud_idx_ptr, TEXT, LOUD)
         d2 = _load_dct(d2_ptr, False)
         for j in range(CHUNKS):
-            ch = ((p % GROUPS) * CHUNKS + j) * CB + tl.arange(0, CB)
-            cm = ch < C
-            coef = _forward_tile(x_ptr, center_ptr, loud_mask_ptr, d2, tile, ch, cm, ok, xrow, img, TEXT_TILES,
-                                 BLOCK_TILES, C, PREC)
-            m = ok[:, None] & cm[None, :]
+            coef, ch, cm, m = _forward_tile(x_ptr, center_ptr, loud_mask_ptr, d2, tile, (p % GROUPS) * CHUNKS + j,
+                                            ok, xrow, img, TEXT_TILES, BLOCK_TILES, C, CB, PREC)
             at = sym.to(tl.int64)[:, None] * C + ch[None, :]
             if HAS_REF:
                 ref = tl.load(ref_ptr + at, mask=m, other=0.0)
