@@ -57,10 +57,11 @@ class GpuSettings:
     #: forces the reference backend, "triton" the kernels (Triton's interpreter runs them
     #: on a CPU, slowly: tests). Both write and read the same messages.
     backend: str = "auto"
-    #: the fused encoder captures each carry shape in a CUDA graph: launching its ~70
-    #: kernels one by one cost 3.7 ms of host time on an H200 against 1.3 ms of GPU time.
-    #: Each captured shape keeps its workspace (about 8x the carry's bf16 bytes); up to
-    #: four shapes are kept. Off: launch every kernel each time.
+    #: the fused encoder and decoder run as a CUDA graph per shape (codec/gpu_graphs.py):
+    #: launching an encode's ~70 kernels one by one cost 3.7 ms of host time on an H200
+    #: against 1.3 ms of GPU time. Each captured shape keeps its workspace on the GPU
+    #: (encode about 8x the carry's bf16 bytes, decode about 3x); up to four shapes each.
+    #: Off: launch every kernel each time.
     graphs: bool = True
 
     def steps_for(self, delta: bool) -> int:
