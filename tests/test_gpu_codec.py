@@ -331,3 +331,21 @@ def test_error_lands_on_the_target_for_white_data():
     for layout in (SPEC.layout, None):
         err = _rel(decode(get("gpu", rel_err=0.03).encode(x, layout=layout)), x)
         assert 0.028 <= err <= 0.03
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the captured (CUDA graph) paths need one; "
+                    "bench/gpu_codec_check.py checks them on the bench GPU (bench/NOTES.md)")
+def test_captured_and_launched_paths_agree_on_cuda():
+    spec = replace(SPEC, layout=TokenLayout(64, 32, 32), channels=256)
+    a, b, c = (t.to("cuda", torch.bfloat16) for t in synthetic_steps(spec, rho=0.95, steps=3))
+    captured, launched = get("gpu", rel_err=0.05), get("gpu", rel_err=0.05, graphs=False)
+    enc, dec_captured, dec_launched = StreamState(), StreamState(), StreamState()
+    for x in (a, b, c):  # a key message, then two deltas: each path keeps the same reference
+        m = captured.encode(x, state=enc, layout=spec.layout)
+        y = captured.decode(m, "cuda", state=dec_captured)
+        assert torch.equal(y, launched.decode(m, "cuda", state=dec_launched))
+        assert _rel(y, x) <= 0.05 * 1.05
+        assert torch.equal(dec_captured.reference["coef"], enc.reference["coef"])
+        assert torch.equal(dec_launched.reference["coef"], enc.reference["coef"])
+    m = launched.encode(a, layout=spec.layout)
+    assert _rel(captured.decode(m, "cuda"), a) <= m.rel_err_bound
