@@ -30,6 +30,12 @@ except ImportError:  # pragma: no cover - depends on the machine
     triton = None
 
 
+#: lanes one warp runs: 32 is one lane a thread. 64 gives each thread two independent states
+#: (more instruction-level parallelism, half the warps): no faster on an H200 (bench/NOTES.md),
+#: so the kernels are issue-bound, not latency-bound.
+LANES_PER_WARP = 32
+
+
 def available(device: torch.device) -> bool:
     return triton is not None and device.type == "cuda"
 
@@ -206,7 +212,7 @@ def encode(q16: torch.Tensor, n: torch.Tensor, buckets: torch.Tensor, text_rows:
     rcp = (1.0 / freq.to(torch.float64)).contiguous()
     _encode_kernel[(G,)](q16, buckets, freq.to(torch.int32).contiguous(), cumulative(freq).to(torch.int32).contiguous(),
                          rcp, out, counts, states, n.to(torch.int32).reshape(1), STEPS=S, LANES=W, MAXE=MAX_EXP,
-                         num_warps=max(1, W // 32), **_row_args(text_rows, fixed_rows, buckets.shape[1]))
+                         num_warps=max(1, W // LANES_PER_WARP), **_row_args(text_rows, fixed_rows, buckets.shape[1]))
     return out, counts, states
 
 
@@ -233,6 +239,6 @@ def decode(words: torch.Tensor, total_words: torch.Tensor, group_words: torch.Te
     _decode_kernel[(G,)](words, starts, group_words.to(torch.int32).contiguous(), states.contiguous(), total_words,
                          buckets, freq.to(torch.int32).contiguous(), cumulative(freq).to(torch.int32).contiguous(),
                          slot_table(freq).to(torch.uint8).contiguous(), steps_c.contiguous(), coef, bad, geo.n,
-                         STEPS=S, LANES=W, num_warps=max(1, W // 32),
+                         STEPS=S, LANES=W, num_warps=max(1, W // LANES_PER_WARP),
                          **_row_args(text_rows, fixed_rows, buckets.shape[1]))
     return coef
