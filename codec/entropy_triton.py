@@ -91,6 +91,23 @@ if triton is not None:
         return tl.minimum(b, NB - 1), ch  # a corrupt bucket must not index past the tables
 
     @triton.jit
+    def _emit(x, need, ptr, out):
+        """The lanes in `need` push their state's low 16 bits, in lane order, at `ptr`."""
+        pos = ptr + tl.cumsum(need.to(tl.int32), 0) - 1
+        tl.store(out + pos, (x & 0xFFFF).to(tl.int16), mask=need)
+        return tl.where(need, x >> 16, x), ptr + tl.sum(need.to(tl.int32), 0)
+
+    @triton.jit
+    def _refill(x, need, ptr, start, total_words, words_ptr, bad):
+        """The inverse of _emit, reading the group's stream backwards from `ptr`; reads
+        before the group's `start` (a corrupt stream) set `bad` and read nothing."""
+        blk = ptr - tl.sum(need.to(tl.int32), 0)
+        pos = blk + tl.cumsum(need.to(tl.int32), 0) - 1
+        bad |= (need & (pos < start)).to(tl.int32)
+        w = tl.load(words_ptr + pos, mask=need & (pos >= start) & (pos >= 0) & (pos < total_words), other=0)
+        return tl.where(need, (x << 16) | (w.to(tl.uint32) & 0xFFFF), x), blk, bad
+
+    @triton.jit
     def _encode_kernel(q_ptr, bucket_ptr, freq_ptr, cum_ptr, rcp_ptr, out_ptr, count_ptr, state_ptr, n_ptr,
                        TEXT_ROWS, FIXED_ROWS, C: tl.constexpr, STEPS: tl.constexpr, LANES: tl.constexpr,
                        ALPHA: tl.constexpr, EXACT: tl.constexpr, MAXE: tl.constexpr, ESC: tl.constexpr,
@@ -109,10 +126,7 @@ if triton is not None:
             cx, _ = _context(offs, valid, bucket_ptr, TEXT_ROWS, FIXED_ROWS, C, TEXT, LOUD, NB)
             # raw bits first (the decoder pops them after the token): room for n more bits?
             need = (nr > 0) & ((x >> (32 - tl.maximum(nr, 1)).to(tl.uint32)) != 0)
-            pos = ptr + tl.cumsum(need.to(tl.int32), 0) - 1
-            tl.store(out + pos, (x & 0xFFFF).to(tl.int16), mask=need)
-            ptr += tl.sum(need.to(tl.int32), 0)
-            x = tl.where(need, x >> 16, x)
+            x, ptr = _emit(x, need, ptr, out)
             x = (x << nr.to(tl.uint32)) | raw.to(tl.uint32)
             # then the token
             f = tl.load(freq_ptr + cx * ALPHA + tok, mask=valid, other=1).to(tl.uint32)
@@ -120,10 +134,7 @@ if triton is not None:
             rcp = tl.load(rcp_ptr + cx * ALPHA + tok, mask=valid, other=1.0)
             f = tl.where(valid & (f > 0), f, 1)
             need = valid & ((x >> (32 - PB)) >= f)
-            pos = ptr + tl.cumsum(need.to(tl.int32), 0) - 1
-            tl.store(out + pos, (x & 0xFFFF).to(tl.int16), mask=need)
-            ptr += tl.sum(need.to(tl.int32), 0)
-            x = tl.where(need, x >> 16, x)
+            x, ptr = _emit(x, need, ptr, out)
             # x // f without an integer division: x * (1/f) in float64 is within 2^-19 of
             # the quotient (x < 2^32), whose fraction is 0 or at least 1/f >= 2^-14, so
             # adding 2^-16 and truncating gives it exactly.
@@ -158,22 +169,12 @@ if triton is not None:
             x = tl.where(valid, (f * (x >> PB) + slot) - c, x)
             # refill after the token, then pop the raw bits and refill again
             need = valid & (x < 65536)
-            blk = ptr - tl.sum(need.to(tl.int32), 0)
-            pos = blk + tl.cumsum(need.to(tl.int32), 0) - 1
-            bad |= (need & (pos < start)).to(tl.int32)
-            w = tl.load(words_ptr + pos, mask=need & (pos >= start) & (pos >= 0) & (pos < total_words), other=0)
-            x = tl.where(need, (x << 16) | (w.to(tl.uint32) & 0xFFFF), x)
-            ptr = blk
+            x, ptr, bad = _refill(x, need, ptr, start, total_words, words_ptr, bad)
             nr = tl.where(valid, raw_bit_count(t, EXACT, ESC), 0)
             raw = (x & ((tl.full((LANES,), 1, tl.uint32) << nr.to(tl.uint32)) - 1)).to(tl.int32)
             x = x >> nr.to(tl.uint32)
             need = x < 65536
-            blk = ptr - tl.sum(need.to(tl.int32), 0)
-            pos = blk + tl.cumsum(need.to(tl.int32), 0) - 1
-            bad |= (need & (pos < start)).to(tl.int32)
-            w = tl.load(words_ptr + pos, mask=need & (pos >= start) & (pos >= 0) & (pos < total_words), other=0)
-            x = tl.where(need, (x << 16) | (w.to(tl.uint32) & 0xFFFF), x)
-            ptr = blk
+            x, ptr, bad = _refill(x, need, ptr, start, total_words, words_ptr, bad)
             q = detokenize(t, raw, EXACT, ESC)
             step = tl.load(steps_ptr + ch, mask=valid, other=0.0)
             tl.store(coef_ptr + offs, q.to(tl.float32) * step, mask=valid)
