@@ -68,10 +68,9 @@ from .base import CodecError
 from .video_pack import Layout, check_frames
 from .x265 import (
     HevcCodec,
-    _check_quality,
+    VideoSettings,
     _first_line,
     decode_hevc_software,
-    pack_settings,
     software_decoder_capability,
 )
 
@@ -307,21 +306,9 @@ def _pic_flags(nvc: Any) -> int:
 
 
 @dataclass(frozen=True)
-class NvencSettings:
-    """Encoder settings; the decoder needs none (each message describes itself)."""
+class NvencSettings(VideoSettings):
+    """Encoder settings of the nvenc codec (VideoSettings, and these)."""
 
-    #: accuracy on the cpu codec's scale; sets the QP unless `qp` is given (see x265.py).
-    quality: float = 7.0
-    #: constant HEVC QP 0..51; -1 derives it from quality.
-    qp: int = -1
-    #: 8-bit range in robust spreads; values beyond are sent exactly. Unit: robust std.
-    clip_sigma: float = 6.0
-    #: tokens (evenly spaced) that estimate each channel's median and spread; 0: all.
-    stats_tokens: int = 1024
-    #: tokens per row of the token grid (latent width); 0: near-square. Unit: tokens.
-    grid_width: int = 0
-    #: leading non-spatial (text) tokens, laid out before the grid. Unit: tokens.
-    prefix_tokens: int = 0
     #: NVENC preset, P1 (fastest) .. P7.
     preset: str = "P4"
     #: NVENC tuning: high_quality, low_latency or ultra_low_latency.
@@ -336,8 +323,7 @@ class NvencSettings:
     pix_fmt = "yuv444p"  # NVENC has no 4:0:0 HEVC input
 
     def __post_init__(self) -> None:
-        _check_quality(self)
-        pack_settings(self)
+        super().__post_init__()
         if self.preset not in NVENC_PRESETS:
             raise CodecError(f"nvenc codec preset must be one of {', '.join(NVENC_PRESETS)}, got {self.preset!r}")
         if self.tuning not in NVENC_TUNINGS:

@@ -159,26 +159,16 @@ def software_decoder_capability() -> tuple[bool, str]:
 # --------------------------------------------------------------------------- settings
 
 
-def _check_quality(settings: Any) -> None:
-    quality = settings.quality
-    if isinstance(quality, bool) or not isinstance(quality, (int, float)):
-        raise CodecError(f"{settings.codec_name} codec quality must be a number, got {quality!r}")
-    if not (math.isfinite(quality) and quality > 0):
-        raise CodecError(f"{settings.codec_name} codec quality must be a positive number, got {quality}")
-    qp = settings.qp
-    if isinstance(qp, bool) or not isinstance(qp, int) or not -1 <= qp <= 51:
-        raise CodecError(f"{settings.codec_name} codec qp must be an int in 0..51 (or -1: from quality), got {qp!r}")
-    object.__setattr__(settings, "quality", float(quality))
-
-
 def pack_settings(settings: Any) -> PackSettings:
     """The PackSettings inside a codec's settings (checked on construction)."""
     return PackSettings(**{f.name: getattr(settings, f.name) for f in fields(PackSettings)})
 
 
 @dataclass(frozen=True)
-class X265Settings:
-    """Encoder settings; the decoder needs none (each message describes itself)."""
+class VideoSettings:
+    """What the x265 and nvenc codecs' settings share: their accuracy and how tokens
+    become frames (the PackSettings fields). The decoder needs none (each message
+    describes itself). Each codec adds `codec_name`, `pix_fmt` and its own fields."""
 
     #: accuracy on the cpu codec's scale (error ~ spread / (quality sqrt 12) on noise-like
     #: content); sets the QP unless `qp` is given. Unit: 1 / robust std.
@@ -194,6 +184,24 @@ class X265Settings:
     grid_width: int = 0
     #: leading non-spatial (text) tokens, laid out before the grid. Unit: tokens.
     prefix_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        quality = self.quality
+        if isinstance(quality, bool) or not isinstance(quality, (int, float)):
+            raise CodecError(f"{self.codec_name} codec quality must be a number, got {quality!r}")
+        if not (math.isfinite(quality) and quality > 0):
+            raise CodecError(f"{self.codec_name} codec quality must be a positive number, got {quality}")
+        qp = self.qp
+        if isinstance(qp, bool) or not isinstance(qp, int) or not -1 <= qp <= 51:
+            raise CodecError(f"{self.codec_name} codec qp must be an int in 0..51 (or -1: from quality), got {qp!r}")
+        object.__setattr__(self, "quality", float(quality))
+        pack_settings(self)
+
+
+@dataclass(frozen=True)
+class X265Settings(VideoSettings):
+    """Encoder settings of the x265 codec (VideoSettings, and these)."""
+
     #: "yuv444p" (NVENC's format) or "gray" (one plane per frame).
     pix_fmt: str = "yuv444p"
     #: x265 speed preset (ultrafast .. veryslow); on noise-like activations the slower
@@ -203,8 +211,7 @@ class X265Settings:
     codec_name = "x265"
 
     def __post_init__(self) -> None:
-        _check_quality(self)
-        pack_settings(self)
+        super().__post_init__()
         if self.preset not in X265_PRESETS:
             raise CodecError(f"x265 codec preset must be one of {', '.join(X265_PRESETS)}, got {self.preset!r}")
 
