@@ -13,15 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import sys
 from typing import Any
 
 import torch
 
 from comfy_mesh.codec import decode, get
-from comfy_mesh.codec.bench import best_time
+from comfy_mesh.codec.bench import best_time, machine
 from comfy_mesh.codec.checks import DTYPES
 from comfy_mesh.codec.cpu import CpuSettings
 from comfy_mesh.codec.synthetic import ActivationShape, activation_like
@@ -73,13 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [measure(x, q, args.zstd_level, args.repeat) for q in args.qualities]
     report = {
         "benchmark": "codec_cpu",
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-        },
+        "machine": machine(),
         "tensor": {"tokens": args.tokens, "channels": args.channels, "dtype": args.dtype, "seed": args.seed},
         "zstd_level": args.zstd_level,
         "results": rows,

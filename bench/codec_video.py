@@ -19,15 +19,13 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import platform
 import sys
 from typing import Any
 
 import torch
 
 from comfy_mesh.codec import decode, get
-from comfy_mesh.codec.bench import best_time
+from comfy_mesh.codec.bench import best_time, machine
 from comfy_mesh.codec.checks import DTYPES
 from comfy_mesh.codec.synthetic import ActivationShape, activation_like
 
@@ -132,14 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {
         "benchmark": "codec_video",
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "loadavg_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        },
+        "machine": machine(),
         "seed": args.seed,
         "results": results,
     }

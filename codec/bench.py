@@ -10,6 +10,8 @@ report the temporal (delta) message of their second step.
 from __future__ import annotations
 
 import json
+import os
+import platform
 import statistics
 import time
 
@@ -24,6 +26,14 @@ DEFAULT_GRID = {
     "cpu": [{"quality": 4}, {"quality": 7}, {"quality": 12}],
     "gpu": [{"rel_err": 0.02}, {"rel_err": 0.05}, {"rel_err": 0.10}],
 }
+
+
+def machine() -> dict:
+    """What a CPU benchmark ran on, for its report (the load matters: speeds on a shared
+    2-core VM move by tens of percent)."""
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None}
 
 
 def _sync(device: torch.device) -> None:
