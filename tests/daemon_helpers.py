@@ -1,4 +1,5 @@
-"""A real daemon (ROUTER on an ephemeral loopback port) around a tiny checkpoint, for tests."""
+"""A real daemon (ROUTER on an ephemeral loopback port) around a tiny checkpoint, for tests;
+and a peer source that finds none, to keep tests that do not test discovery off the network."""
 
 from __future__ import annotations
 
@@ -31,3 +32,19 @@ def inputs(config, size=6, n_txt=8, seed=0, batch=1):
                 txt=torch.randn(batch, n_txt, config.context_dim, generator=g),
                 img_ids=image_ids(batch, size, size), txt_ids=text_ids(batch, n_txt),
                 guidance=torch.full((batch,), 4.0) if config.guidance_embed else None)
+
+
+class NoPeers:
+    """A peer source (start, stop, peers, on_event) that finds no daemons."""
+
+    def start(self):
+        return self
+
+    def stop(self):
+        pass
+
+    def peers(self):
+        return []
+
+    def on_event(self, listener):
+        pass

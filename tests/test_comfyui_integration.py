@@ -29,7 +29,7 @@ import sys
 import pytest
 import torch
 
-from daemon_helpers import running_daemon
+from daemon_helpers import NoPeers, running_daemon
 
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 STEPS = 3
@@ -41,16 +41,6 @@ RAW_TOL = 1e-5
 def no_real_discovery():
     """The node's peer dropdown would browse mDNS on every interface: keep tests off the real network."""
     from comfy_mesh.comfyui import peers
-
-    class NoPeers:
-        def start(self):
-            return self
-
-        def stop(self):
-            pass
-
-        def peers(self):
-            return []
 
     peers.DISCOVERY.set_source(NoPeers())
     yield

@@ -44,7 +44,7 @@ from comfy_mesh.splitter.plan import BlockRange, tail_split
 from comfy_mesh.splitter.sampling import euler_sample, flow_sigmas
 from comfy_mesh.splitter.split_runner import SplitRunner
 
-from daemon_helpers import inputs, running_daemon
+from daemon_helpers import NoPeers, inputs, running_daemon
 
 LOOPBACK = ["127.0.0.1"]
 WAIT_MS = 15_000  # mDNS registration takes about 1.7 s; leave room on a loaded CI machine
@@ -250,25 +250,9 @@ def test_status_series_turns_counters_into_rates():
     assert later.bytes_per_s == 0.0 and later.t == 3.0
 
 
-class _NoPeers:
-    """A peer source that finds nothing (the window needs start, stop, peers, on_event)."""
-
-    def start(self):
-        return self
-
-    def stop(self):
-        pass
-
-    def peers(self):
-        return []
-
-    def on_event(self, listener):
-        pass
-
-
 def test_block_loading_shows_progress(qtbot, tmp_path):
     settings = QSettings(str(tmp_path / "panel.ini"), QSettings.Format.IniFormat)
-    window = MainWindow(_NoPeers(), settings=settings)
+    window = MainWindow(NoPeers(), settings=settings)
     qtbot.addWidget(window)
     window.show()
     window.start()
@@ -350,7 +334,7 @@ def test_a_repeated_poll_error_shows_once(qtbot, monkeypatch, caplog):
         controller.shutdown()
 
 
-class _SlowToStop(_NoPeers):
+class _SlowToStop(NoPeers):
     def __init__(self):
         self.release = threading.Event()
         self.stopped = threading.Event()
