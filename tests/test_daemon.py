@@ -110,24 +110,31 @@ def test_reconfigure_between_steps_keeps_parity(model, tiny_checkpoint):
     assert status.hosted == [n - 3, n] and status.epoch == runner.plan.epoch
 
 
-def test_plan_moved_by_another_client_is_adopted_at_the_next_step(model, tiny_checkpoint):
-    """The panel's path: RECONFIGURE goes to the daemon; the generation follows at its next step."""
+def _moved_by_the_panel_at_step_two(model, tiny_checkpoint, start: int, to: int):
+    """A 4-step generation starting with `start` remote blocks, whose split another client
+    (the panel) moves to `to` before step 2. -> (runner, output, all-local output)."""
     x = inputs(model.config)
     steps = 4
     expected = _local_reference(model, x, steps)
     with running_daemon(tiny_checkpoint, blocks=2) as server:
-        runner, client = _runner(model, server, 2)
+        runner, client = _runner(model, server, start)
         panel = DaemonClient(server.endpoint, timeout_s=30, name="panel")
-        node = runner.plan.remotes[0].node
+        node = next(iter(runner.remotes))
 
         def step_fn(z, s, i):
             if i == 2:
-                panel.reconfigure(tail_split(model.config.n_blocks, 4, remote=node, epoch=runner.plan.epoch + 1))
+                panel.reconfigure(tail_split(model.config.n_blocks, to, remote=node, epoch=runner.plan.epoch + 1))
             return runner(z, x["txt"], s, x["img_ids"], x["txt_ids"], x["guidance"])
 
         got = euler_sample(step_fn, x["img"], flow_sigmas(steps, shift=3.0))
         panel.close()
         client.close()
+    return runner, got, expected
+
+
+def test_plan_moved_by_another_client_is_adopted_at_the_next_step(model, tiny_checkpoint):
+    """The panel's path: RECONFIGURE goes to the daemon; the generation follows at its next step."""
+    runner, got, expected = _moved_by_the_panel_at_step_two(model, tiny_checkpoint, start=2, to=4)
     assert [s.n_blocks_remote for s in runner.stats] == [2, 2, 4, 4]
     assert len(runner.local.blocks) == 1
     assert _rel(got, expected) <= 1e-6
@@ -357,22 +364,7 @@ def test_auto_codec_is_raw_on_loopback_and_status_says_why(model, tiny_checkpoin
 
 def test_all_local_steps_notice_a_daemon_given_blocks_again(model, tiny_checkpoint):
     """At n_blocks_remote = 0 no FORWARD goes out; the runner asks for the plan instead."""
-    x = inputs(model.config)
-    steps = 4
-    expected = _local_reference(model, x, steps)
-    with running_daemon(tiny_checkpoint, blocks=2) as server:
-        runner, client = _runner(model, server, 0)
-        panel = DaemonClient(server.endpoint, timeout_s=30, name="panel")
-        node = next(iter(runner.remotes))
-
-        def step_fn(z, s, i):
-            if i == 2:
-                panel.reconfigure(tail_split(model.config.n_blocks, 3, remote=node, epoch=runner.plan.epoch + 1))
-            return runner(z, x["txt"], s, x["img_ids"], x["txt_ids"], x["guidance"])
-
-        got = euler_sample(step_fn, x["img"], flow_sigmas(steps, shift=3.0))
-        panel.close()
-        client.close()
+    runner, got, expected = _moved_by_the_panel_at_step_two(model, tiny_checkpoint, start=0, to=3)
     assert [s.n_blocks_remote for s in runner.stats] == [0, 0, 3, 3]
     assert _rel(got, expected) <= 1e-6
 
