@@ -106,8 +106,7 @@ def kernels_match_reference(dev, side: int = 40, channels: int = 96, steps: int 
     freq = E.normalize_counts(counts)
     geo = E.Geometry.for_count(n, 32, steps, steps)
     ref = E.rans_encode(tok, nr, raw, ctx, freq, geo)
-    buf, cnt, st = T.encode(q.to(dev), torch.tensor(n, device=dev), buckets.to(dev), lay.text_rows, lay.fixed_rows,
-                            freq.to(dev), geo)
+    buf, cnt, st = T.encode(T.pack_symbols(q, ctx).to(dev), torch.tensor(n, device=dev), freq.to(dev), geo)
     out = torch.empty(buf.numel(), dtype=torch.int16, device=dev)
     T.gather_words(buf, cnt, out)
     words = out[: int(cnt.sum())].cpu().long() & 0xFFFF
@@ -214,7 +213,7 @@ def main() -> int:
     # the rANS tables from a sample: ratio and histogram time by share of the programs
     shares, default_share = {}, gpu_kernels.HIST_SHARE
     codec = get("gpu", rel_err=0.05, graphs=False)  # a captured graph keeps the share it was captured with
-    for share in (1, 8, 16):
+    for share in (1, 16, 32, 64):
         gpu_kernels.HIST_SHARE = share
         m = codec.encode(x, layout=spec.layout)
         shares[share] = {"ratio": round(x.numel() * 2 / m.nbytes, 3),

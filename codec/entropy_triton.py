@@ -8,19 +8,29 @@ reference places them, so either implementation decodes the other's messages (te
 check they agree bit for bit).
 
 The kernels read what the gpu codec has, not what the reference takes: the encoder reads
-int16 quantised values and derives each symbol's token, raw bits and context table
-itself (codec/gpu_layout.py says how); the decoder writes dequantised float32
-coefficients. No int64 symbol arrays cross memory.
+one packed int32 a symbol (`pack_symbols`: context, token, raw bits; the quantiser writes
+them, so the serial rANS loop does no tokenising and no context lookup); the decoder
+finds each symbol's context table itself (codec/gpu_layout.py says how) and writes
+dequantised float32 coefficients. No int64 symbol arrays cross memory.
+
+Instructions per symbol are what these kernels spend (one warp runs 256 steps in
+series; there is little else to overlap): on a GPU the lanes' prefix counts come from
+one warp vote and a population count, not a shuffle scan (`_rank`), and each symbol's
+frequency and cumulative frequency come in one load (`packed_tables`).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from .entropy import ALPHABET, ESCAPE, EXACT_TOKENS, MAX_EXP, PROB_BITS, STATE_LOW, cumulative, slot_table
-from .gpu_layout import LOUD_CLASS, N_BUCKETS, ROWS_PER_BLOCK, TEXT_CLASS
+from .entropy import (ALPHABET, MAX_EXP, PROB_BITS, STATE_LOW, cumulative, detokenize,
+                      slot_table, token_raw_bits, tokenize as reference_tokenize)
+from .gpu_layout import LOUD_CLASS, N_BUCKETS, ROWS_PER_BLOCK, TEXT_CLASS, band_of_rows
 
-# The kernels spell out the state bound (65536) and the block rows (64): keep them in step.
+# The kernels spell out the state bound (65536), the block rows (64) and the packed
+# tables' width (64): keep them in step.
 assert (STATE_LOW, ROWS_PER_BLOCK) == (65536, 64)
 
 try:  # Triton is optional: present with CUDA builds of torch, absent on CPU-only machines
@@ -34,6 +44,16 @@ except ImportError:  # pragma: no cover - depends on the machine
 #: (more instruction-level parallelism, half the warps): no faster on an H200 (bench/NOTES.md),
 #: so the kernels are issue-bound, not latency-bound.
 LANES_PER_WARP = 32
+
+# A packed symbol (int32): context table << 24 | token << 18 | raw bit count << 14 | raw
+# bits. Its top part, context * 64 + token, indexes the (N_BUCKETS, 64) tables.
+KEY_SHIFT = 18
+TABLE_WIDTH = 64
+assert TABLE_WIDTH == 64 and ALPHABET <= TABLE_WIDTH and MAX_EXP <= 14 and N_BUCKETS <= 32
+
+# Triton's interpreter (CI, CPU machines) runs no inline PTX: there the lanes' prefix
+# counts come from a scan, which gives the same numbers.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def available(device: torch.device) -> bool:
@@ -59,125 +79,128 @@ if triton is not None:
         return tl.where(esc, ESC, tok), tl.where(esc, 0, nr), tl.where(esc, 0, raw)
 
     @triton.jit
-    def raw_bit_count(t, EXACT: tl.constexpr, ESC: tl.constexpr):
-        n = tl.where(t >= EXACT, (t - EXACT) // 2 + 4, (t > 0).to(tl.int32))
-        return tl.where(t == ESC, 0, n)
+    def _bucket(row, ch, valid, row_base_ptr, bucket_ptr, NB: tl.constexpr):
+        """The context table of the coefficients at (row, ch); row_base: each row's class * C."""
+        base = tl.load(row_base_ptr + row, mask=valid, other=0)
+        b = tl.load(bucket_ptr + base + ch, mask=valid, other=0).to(tl.int32)
+        return tl.minimum(b, NB - 1)  # a corrupt bucket must not index past the tables
 
     @triton.jit
-    def detokenize(t, raw, EXACT: tl.constexpr, ESC: tl.constexpr):
-        big = t >= EXACT
-        e = (t - EXACT) // 2 + 4
-        mant = tl.maximum(e - 1, 0)
-        lead = (1 << e) | (((t - EXACT) & 1) << mant)
-        v = tl.where(big, lead | (raw >> 1), t)
-        v = tl.where(t == ESC, 0, v)
-        return tl.where(((raw & 1) != 0) & (v > 0), -v, v)
+    def _rank(need, BALLOT: tl.constexpr):
+        """-> (how many lanes before each lane are in `need`, how many are in all), both
+        per lane. BALLOT (one warp of 32 lanes, one a thread, on a GPU): a warp vote and
+        two population counts, in place of a five-round shuffle scan and a reduction."""
+        flag = need.to(tl.int32)
+        if BALLOT:
+            below, total = tl.inline_asm_elementwise(
+                asm="{ .reg .pred p; .reg .b32 b, m; setp.ne.b32 p, $2, 0; vote.sync.ballot.b32 b, p, 0xffffffff; "
+                    "mov.u32 m, %lanemask_lt; and.b32 m, m, b; popc.b32 $0, m; popc.b32 $1, b; }",
+                constraints="=r,=r,r", args=[flag], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+        else:
+            below = tl.cumsum(flag, 0) - flag
+            total = tl.zeros_like(flag) + tl.sum(flag, 0)
+        return below, total
 
     @triton.jit
-    def row_class(row, TEXT_ROWS, FIXED_ROWS, TEXT: tl.constexpr, LOUD: tl.constexpr):
-        """Class of a coefficient row (gpu_layout: text | 8x8 blocks | loud)."""
-        r = (row - TEXT_ROWS) % 64
-        s = r // 8 + r % 8
-        band = (s >= 1).to(tl.int32) + (s >= 3).to(tl.int32) + (s >= 6).to(tl.int32) + (s >= 10).to(tl.int32)
-        return tl.where(row < TEXT_ROWS, TEXT, tl.where(row < FIXED_ROWS, band, LOUD))
+    def _emit(x, need, ptr, out, BALLOT: tl.constexpr):
+        """The lanes in `need` push their state's low 16 bits, in lane order, at `ptr`
+        (the same in every lane)."""
+        below, total = _rank(need, BALLOT)
+        tl.store(out + ptr + below, (x & 0xFFFF).to(tl.int16), mask=need)
+        return tl.where(need, x >> 16, x), ptr + total
 
     @triton.jit
-    def _context(offs, valid, bucket_ptr, TEXT_ROWS, FIXED_ROWS, C: tl.constexpr, TEXT: tl.constexpr,
-                 LOUD: tl.constexpr, NB: tl.constexpr):
-        row = offs // C
-        ch = offs - row * C
-        cls = row_class(row, TEXT_ROWS, FIXED_ROWS, TEXT, LOUD)
-        b = tl.load(bucket_ptr + cls * C + ch, mask=valid, other=0).to(tl.int32)
-        return tl.minimum(b, NB - 1), ch  # a corrupt bucket must not index past the tables
-
-    @triton.jit
-    def _emit(x, need, ptr, out):
-        """The lanes in `need` push their state's low 16 bits, in lane order, at `ptr`."""
-        pos = ptr + tl.cumsum(need.to(tl.int32), 0) - 1
-        tl.store(out + pos, (x & 0xFFFF).to(tl.int16), mask=need)
-        return tl.where(need, x >> 16, x), ptr + tl.sum(need.to(tl.int32), 0)
-
-    @triton.jit
-    def _refill(x, need, ptr, start, total_words, words_ptr, bad):
+    def _refill(x, need, ptr, start, total_words, words_ptr, bad, BALLOT: tl.constexpr):
         """The inverse of _emit, reading the group's stream backwards from `ptr`; reads
-        before the group's `start` (a corrupt stream) set `bad` and read nothing."""
-        blk = ptr - tl.sum(need.to(tl.int32), 0)
-        pos = blk + tl.cumsum(need.to(tl.int32), 0) - 1
+        before the group's `start` (>= 0; a corrupt stream) set `bad` and read nothing."""
+        below, total = _rank(need, BALLOT)
+        blk = ptr - total
+        pos = blk + below
         bad |= (need & (pos < start)).to(tl.int32)
-        w = tl.load(words_ptr + pos, mask=need & (pos >= start) & (pos >= 0) & (pos < total_words), other=0)
+        w = tl.load(words_ptr + pos, mask=need & (pos >= start) & (pos < total_words), other=0)
         return tl.where(need, (x << 16) | (w.to(tl.uint32) & 0xFFFF), x), blk, bad
 
     @triton.jit
-    def _encode_kernel(q_ptr, bucket_ptr, freq_ptr, cum_ptr, rcp_ptr, out_ptr, count_ptr, state_ptr, n_ptr,
-                       TEXT_ROWS, FIXED_ROWS, C: tl.constexpr, STEPS: tl.constexpr, LANES: tl.constexpr,
-                       ALPHA: tl.constexpr, EXACT: tl.constexpr, MAXE: tl.constexpr, ESC: tl.constexpr,
-                       TEXT: tl.constexpr, LOUD: tl.constexpr, NB: tl.constexpr, PB: tl.constexpr):
+    def _encode_kernel(sym_ptr, fc_ptr, rcp_ptr, out_ptr, count_ptr, state_ptr, n_ptr, STEPS: tl.constexpr,
+                       LANES: tl.constexpr, PB: tl.constexpr, BALLOT: tl.constexpr):
         g = tl.program_id(0)
         lanes = tl.arange(0, LANES)
         n = tl.load(n_ptr)
         out = out_ptr + g.to(tl.int64) * (2 * STEPS * LANES)
         x = tl.full((LANES,), 65536, tl.uint32)
-        ptr = tl.zeros((), tl.int32)
+        ptr = tl.zeros((LANES,), tl.int32)
+        offs = (g * STEPS + STEPS - 1) * LANES + lanes
         for k in range(STEPS):
-            offs = (g * STEPS + (STEPS - 1 - k)) * LANES + lanes
             valid = offs < n
-            q = tl.load(q_ptr + offs, mask=valid, other=0).to(tl.int32)
-            tok, nr, raw = tokenize(q, EXACT, MAXE, ESC)
-            cx, _ = _context(offs, valid, bucket_ptr, TEXT_ROWS, FIXED_ROWS, C, TEXT, LOUD, NB)
-            # raw bits first (the decoder pops them after the token): room for n more bits?
-            need = (nr > 0) & ((x >> (32 - tl.maximum(nr, 1)).to(tl.uint32)) != 0)
-            x, ptr = _emit(x, need, ptr, out)
-            x = (x << nr.to(tl.uint32)) | raw.to(tl.uint32)
-            # then the token
-            f = tl.load(freq_ptr + cx * ALPHA + tok, mask=valid, other=1).to(tl.uint32)
-            c = tl.load(cum_ptr + cx * ALPHA + tok, mask=valid, other=0).to(tl.uint32)
-            rcp = tl.load(rcp_ptr + cx * ALPHA + tok, mask=valid, other=1.0)
-            f = tl.where(valid & (f > 0), f, 1)
+            s = tl.load(sym_ptr + offs, mask=valid, other=0)
+            nr = ((s >> 14) & 15).to(tl.uint32)
+            # raw bits first (the decoder pops them after the token): room for nr more bits?
+            need = (nr > 0) & ((x >> (32 - tl.maximum(nr, 1))) != 0)
+            x, ptr = _emit(x, need, ptr, out, BALLOT)
+            x = (x << nr) | (s & 0x3FFF).to(tl.uint32)
+            # then the token: frequency and cumulative frequency in one word
+            key = s >> 18
+            fc = tl.load(fc_ptr + key, mask=valid, other=1 << 16).to(tl.uint32)
+            rcp = tl.load(rcp_ptr + key, mask=valid, other=1.0)
+            f = tl.maximum(fc >> 16, 1)
             need = valid & ((x >> (32 - PB)) >= f)
-            x, ptr = _emit(x, need, ptr, out)
+            x, ptr = _emit(x, need, ptr, out, BALLOT)
             # x // f without an integer division: x * (1/f) in float64 is within 2^-19 of
             # the quotient (x < 2^32), whose fraction is 0 or at least 1/f >= 2^-14, so
             # adding 2^-16 and truncating gives it exactly.
             qt = (x.to(tl.float64) * rcp + 0.0000152587890625).to(tl.uint32)
-            x = tl.where(valid, (qt << PB) + (x - qt * f) + c, x)
-        tl.store(count_ptr + g, ptr)
+            x = tl.where(valid, (qt << PB) + (x - qt * f) + (fc & 0xFFFF), x)
+            offs -= LANES
+        tl.store(count_ptr + g + lanes * 0, ptr, mask=lanes == 0)
         tl.store(state_ptr + g.to(tl.int64) * LANES + lanes, x.to(tl.int32, bitcast=True))
 
     @triton.jit
-    def _decode_kernel(words_ptr, start_ptr, count_ptr, state_ptr, total_ptr, bucket_ptr, freq_ptr, cum_ptr,
-                       slot_ptr, steps_ptr, coef_ptr, bad_ptr, n, TEXT_ROWS, FIXED_ROWS, C: tl.constexpr,
-                       STEPS: tl.constexpr, LANES: tl.constexpr, ALPHA: tl.constexpr, EXACT: tl.constexpr,
-                       ESC: tl.constexpr, TEXT: tl.constexpr, LOUD: tl.constexpr, NB: tl.constexpr,
-                       PB: tl.constexpr):
+    def _decode_kernel(words_ptr, start_ptr, count_ptr, state_ptr, total_ptr, row_base_ptr, bucket_ptr, fc_ptr, slot_ptr,
+                       token_ptr, steps_ptr, coef_ptr, bad_ptr, n, C: tl.constexpr, STEPS: tl.constexpr,
+                       LANES: tl.constexpr, NB: tl.constexpr, PB: tl.constexpr, BALLOT: tl.constexpr):
         g = tl.program_id(0)
         lanes = tl.arange(0, LANES)
-        total_words = tl.load(total_ptr)
+        total_words = tl.load(total_ptr).to(tl.int32)
         start = tl.load(start_ptr + g)
-        ptr = start + tl.load(count_ptr + g)
+        ptr = tl.zeros((LANES,), tl.int32) + start + tl.load(count_ptr + g)
         x = tl.load(state_ptr + g.to(tl.int64) * LANES + lanes).to(tl.uint32, bitcast=True)
         bad = tl.zeros((LANES,), tl.int32)
+        offs = g * STEPS * LANES + lanes
+        # each lane's coefficient row and channel, moved on by LANES a step (no division
+        # in the loop)
+        row = offs // C
+        ch = offs - row * C
+        cx = _bucket(row, ch, offs < n, row_base_ptr, bucket_ptr, NB)
         for i in range(STEPS):
-            offs = (g * STEPS + i) * LANES + lanes
             valid = offs < n
-            cx, ch = _context(offs, valid, bucket_ptr, TEXT_ROWS, FIXED_ROWS, C, TEXT, LOUD, NB)
             slot = x & ((1 << PB) - 1)
             t = tl.load(slot_ptr + cx * (1 << PB) + slot.to(tl.int32), mask=valid, other=0).to(tl.int32)
-            f = tl.load(freq_ptr + cx * ALPHA + t, mask=valid, other=1).to(tl.uint32)
-            c = tl.load(cum_ptr + cx * ALPHA + t, mask=valid, other=0).to(tl.uint32)
+            fc = tl.load(fc_ptr + cx * 64 + t, mask=valid, other=1 << 16).to(tl.uint32)
+            f = fc >> 16
             bad |= (valid & (f == 0)).to(tl.int32)
-            f = tl.where(f == 0, 1, f)
-            x = tl.where(valid, (f * (x >> PB) + slot) - c, x)
+            f = tl.maximum(f, 1)
+            x = tl.where(valid, (f * (x >> PB) + slot) - (fc & 0xFFFF), x)
             # refill after the token, then pop the raw bits and refill again
             need = valid & (x < 65536)
-            x, ptr, bad = _refill(x, need, ptr, start, total_words, words_ptr, bad)
-            nr = tl.where(valid, raw_bit_count(t, EXACT, ESC), 0)
-            raw = (x & ((tl.full((LANES,), 1, tl.uint32) << nr.to(tl.uint32)) - 1)).to(tl.int32)
-            x = x >> nr.to(tl.uint32)
+            x, ptr, bad = _refill(x, need, ptr, start, total_words, words_ptr, bad, BALLOT)
+            info = tl.load(token_ptr + t, mask=valid, other=0)
+            nr = (info >> 20).to(tl.uint32)
+            raw = (x & ((tl.full((LANES,), 1, tl.uint32) << nr) - 1)).to(tl.int32)
+            x = x >> nr
             need = x < 65536
-            x, ptr, bad = _refill(x, need, ptr, start, total_words, words_ptr, bad)
-            q = detokenize(t, raw, EXACT, ESC)
+            x, ptr, bad = _refill(x, need, ptr, start, total_words, words_ptr, bad, BALLOT)
+            v = (info & 0xFFFFF) | (raw >> 1)
+            q = tl.where((raw & 1) != 0, -v, v)
             step = tl.load(steps_ptr + ch, mask=valid, other=0.0)
             tl.store(coef_ptr + offs, q.to(tl.float32) * step, mask=valid)
+            offs += LANES
+            ch += LANES % C
+            row += LANES // C
+            wrap = ch >= C
+            ch = tl.where(wrap, ch - C, ch)
+            row += wrap.to(tl.int32)
+            # the next step's table, loaded while this step's words come in
+            cx = _bucket(row, ch, offs < n, row_base_ptr, bucket_ptr, NB)
         bad |= (x != 65536).to(tl.int32)
         bad |= (ptr != start).to(tl.int32)
         tl.atomic_or(bad_ptr + lanes * 0, bad, mask=bad != 0)
@@ -193,27 +216,69 @@ if triton is not None:
             tl.store(out_ptr + start + o, tl.load(buf_ptr + g.to(tl.int64) * CAP + o, mask=m), mask=m)
 
 
-def _row_args(text_rows: int, fixed_rows: int, channels: int) -> dict:
-    return dict(TEXT_ROWS=text_rows, FIXED_ROWS=fixed_rows, C=channels, ALPHA=ALPHABET, EXACT=EXACT_TOKENS,
-                ESC=ESCAPE, TEXT=TEXT_CLASS, LOUD=LOUD_CLASS, NB=N_BUCKETS, PB=PROB_BITS)
+def _ballot(lanes: int) -> bool:
+    """Whether the kernels count lanes by warp vote: one warp of 32 lanes, not interpreted."""
+    return lanes == 32 and LANES_PER_WARP == 32 and not INTERPRETED
 
 
-def encode(q16: torch.Tensor, n: torch.Tensor, buckets: torch.Tensor, text_rows: int, fixed_rows: int,
-           freq: torch.Tensor, geo) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """rANS-code int16 values `q16` (only the first `n`, a 0-d device tensor; geo sized for
-    q16's length). -> (per-group word buffers (G, 2*steps*lanes) int16, words per group
-    (G,) int32, final states (G, lanes) as int32 bit patterns). No host round trip."""
-    device = q16.device
+def pack_symbols(q: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+    """Quantised values and their context tables (each (n,) integers) -> the encoder's
+    packed int32 symbols, in torch ops; the gpu codec's quantiser kernel writes the same."""
+    tok, nr, raw = reference_tokenize(q.to(torch.int64))
+    return ((ctx.to(torch.int64) << 24) | (tok << KEY_SHIFT) | (nr << 14) | raw).to(torch.int32)
+
+
+def packed_tables(freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N_BUCKETS, ALPHABET) frequencies -> (N_BUCKETS * 64) int32 words freq << 16 | cum
+    and float64 reciprocals 1 / freq (inf where a symbol is absent: never loaded, since
+    every symbol coded has a frequency), indexed by a symbol's context * 64 + token."""
+    tables = freq.shape[0]
+    freq = freq.to(torch.int64)
+    fc = torch.zeros(tables, TABLE_WIDTH, dtype=torch.int64, device=freq.device)
+    fc[:, :ALPHABET] = (freq << 16) | cumulative(freq)
+    rcp = torch.full((tables, TABLE_WIDTH), float("inf"), dtype=torch.float64, device=freq.device)
+    rcp[:, :ALPHABET] = 1.0 / freq.to(torch.float64)
+    return fc.to(torch.int32).reshape(-1), rcp.reshape(-1)
+
+
+_CONSTANTS: dict = {}
+
+
+def _constants(device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(64,) int32 token table (a token's value with zero raw bits | its raw bit count
+    << 20) and (64,) int64 band of each block row, on `device`, made once (outside any
+    graph capture: the first decode of a shape runs eagerly)."""
+    key = str(device)
+    if key not in _CONSTANTS:
+        t = torch.arange(TABLE_WIDTH).clamp(max=ALPHABET - 1)
+        info = detokenize(t, torch.zeros_like(t)) | (token_raw_bits(t) << 20)
+        _CONSTANTS[key] = (info.to(torch.int32).to(device), band_of_rows(device))
+    return _CONSTANTS[key]
+
+
+def _row_bases(text_rows: int, fixed_rows: int, rows: int, channels: int, band: torch.Tensor) -> torch.Tensor:
+    """(rows,) int32: each coefficient row's class * channels, where its context tables
+    start in the (classes, channels) bucket table (gpu_layout's row order)."""
+    r = torch.arange(rows, device=band.device)
+    cls = torch.where(r < text_rows, TEXT_CLASS, torch.where(r < fixed_rows, band[(r - text_rows) % ROWS_PER_BLOCK],
+                                                             LOUD_CLASS))
+    return (cls * channels).to(torch.int32)
+
+
+def encode(symbols: torch.Tensor, n: torch.Tensor, freq: torch.Tensor, geo) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                       torch.Tensor]:
+    """rANS-code packed symbols (`pack_symbols`; only the first `n`, a 0-d device tensor;
+    geo sized for the buffer's length). -> (per-group word buffers (G, 2*steps*lanes)
+    int16, words per group (G,) int32, final states (G, lanes) as int32 bit patterns).
+    No host round trip."""
+    device = symbols.device
     G, S, W = geo.groups, geo.steps, geo.lanes
     out = torch.empty(G, 2 * S * W, dtype=torch.int16, device=device)
     counts = torch.empty(G, dtype=torch.int32, device=device)
     states = torch.empty(G, W, dtype=torch.int32, device=device)
-    # inf where a symbol is absent: never loaded, since the tables come from these symbols'
-    # counts (when those are sampled, every symbol of a table in use keeps a frequency >= 1)
-    rcp = (1.0 / freq.to(torch.float64)).contiguous()
-    _encode_kernel[(G,)](q16, buckets, freq.to(torch.int32).contiguous(), cumulative(freq).to(torch.int32).contiguous(),
-                         rcp, out, counts, states, n.to(torch.int32).reshape(1), STEPS=S, LANES=W, MAXE=MAX_EXP,
-                         num_warps=max(1, W // LANES_PER_WARP), **_row_args(text_rows, fixed_rows, buckets.shape[1]))
+    fc, rcp = packed_tables(freq)
+    _encode_kernel[(G,)](symbols, fc, rcp, out, counts, states, n.to(torch.int32).reshape(1), STEPS=S, LANES=W,
+                         PB=PROB_BITS, BALLOT=_ballot(W), num_warps=max(1, W // LANES_PER_WARP))
     return out, counts, states
 
 
@@ -237,9 +302,12 @@ def decode(words: torch.Tensor, total_words: torch.Tensor, group_words: torch.Te
     coef = torch.empty(geo.n + 1, dtype=torch.float32, device=device)
     if words.numel() == 0:
         words = torch.zeros(1, dtype=torch.int16, device=device)
+    fc, _ = packed_tables(freq)
+    tokens, band = _constants(device)
+    channels = buckets.shape[1]
+    row_bases = _row_bases(text_rows, fixed_rows, -(-geo.n // channels), channels, band)
     _decode_kernel[(G,)](words, starts, group_words.to(torch.int32).contiguous(), states.contiguous(), total_words,
-                         buckets, freq.to(torch.int32).contiguous(), cumulative(freq).to(torch.int32).contiguous(),
-                         slot_table(freq).to(torch.uint8).contiguous(), steps_c.contiguous(), coef, bad, geo.n,
-                         STEPS=S, LANES=W, num_warps=max(1, W // LANES_PER_WARP),
-                         **_row_args(text_rows, fixed_rows, buckets.shape[1]))
+                         row_bases, buckets, fc, slot_table(freq).to(torch.uint8).contiguous(), tokens,
+                         steps_c.contiguous(), coef, bad, geo.n, C=channels, STEPS=S, LANES=W, NB=N_BUCKETS,
+                         PB=PROB_BITS, BALLOT=_ballot(W), num_warps=max(1, W // LANES_PER_WARP))
     return coef
