@@ -154,7 +154,7 @@ if triton is not None:
         tl.store(count_ptr + g + lanes * 0, ptr, mask=lanes == 0)
         tl.store(state_ptr + g.to(tl.int64) * LANES + lanes, x.to(tl.int32, bitcast=True))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n"])  # one variant for every size
     def _decode_kernel(words_ptr, start_ptr, count_ptr, state_ptr, total_ptr, row_base_ptr, bucket_ptr, fc_ptr, slot_ptr,
                        token_ptr, steps_ptr, coef_ptr, bad_ptr, n, C: tl.constexpr, STEPS: tl.constexpr,
                        LANES: tl.constexpr, NB: tl.constexpr, PB: tl.constexpr, BALLOT: tl.constexpr):
@@ -205,7 +205,7 @@ if triton is not None:
         bad |= (ptr != start).to(tl.int32)
         tl.atomic_or(bad_ptr + lanes * 0, bad, mask=bad != 0)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["CAP"])
     def _gather_words_kernel(buf_ptr, count_ptr, start_ptr, out_ptr, CAP, BLOCK: tl.constexpr):
         g = tl.program_id(0)
         cnt = tl.load(count_ptr + g)

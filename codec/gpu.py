@@ -14,8 +14,9 @@ is orthonormal, so ||error|| <= step/2 * sqrt(N): the header states this bound.
 from __future__ import annotations
 
 import math
+import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -176,6 +177,29 @@ class GpuCodec:
 
     def __init__(self, settings: GpuSettings | None = None):
         self.settings = settings or GpuSettings()
+
+    def warm_up(self, channels: int, device, dtype: torch.dtype = torch.bfloat16) -> float | None:
+        """Do the fused backend's first-use work now: Triton compiles its kernels the first
+        time a process meets a channel count (about 50 s on a fresh machine, H200; then
+        from Triton's disk cache, about a second), which would otherwise land inside the
+        first sampler step. Codes a small carry of `channels`, a key message and a delta
+        against it, both ways. -> seconds spent, or None where the kernels do not run
+        (no CUDA device or no Triton: nothing to compile)."""
+        device = torch.device(device)
+        if not _fused(self.settings, device) or device.type != "cuda":
+            return None
+        t0 = time.perf_counter()
+        # Launched, not captured: the kernels are what takes long, and a captured graph of
+        # this small shape would only take a place in the graph caches.
+        codec = GpuCodec(replace(self.settings, graphs=False))
+        layout = TokenLayout(n_txt=64, grid=(16, 16))
+        g = torch.Generator(device=device).manual_seed(0)
+        sent, received = StreamState(), StreamState()
+        for _ in range(2):  # a key message, then a delta
+            x = torch.randn(1, 64 + 16 * 16, channels, generator=g, device=device).to(dtype)
+            codec.decode(codec.encode(x, state=sent, layout=layout), device, state=received)
+        torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
 
     # ---------------------------------------------------------------- encode
 

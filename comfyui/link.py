@@ -226,8 +226,10 @@ class PeerLink:
                 self._codec = _BoundRecorder(make_codec(name, s.quality))
                 # The reply (the model output, 1/20 of the carry or less) comes back raw: exact, so
                 # the only lossy step of a split is the carry, whose bound each message states.
-                self._remote = RemoteStage(self._client, self._codec, reply_codec="raw", measure_error=s.measure_error)
+                self._remote = RemoteStage(self._client, self._codec, reply_codec="raw", measure_error=s.measure_error,
+                                           device="cuda" if s.local_cuda else "cpu")
                 self._remote.info = info
+                self._remote.warm_up((info.config or {}).get("hidden_size"))
                 self._update(codec=name)
                 self.install(s.n_blocks_remote)
         except BaseException:

@@ -92,6 +92,25 @@ class ModelHost:
         self._contexts: collections.OrderedDict[str, tuple] = collections.OrderedDict()
         self._apply_plan(self.plan)
         local_capabilities()  # probe codecs now (NVENC takes ~0.5 s), not in the first HELLO
+        self._warm_up_codecs()
+
+    def _warm_up_codecs(self) -> None:
+        """Compile the gpu codec's kernels for this model's carry now, before the daemon
+        says it is ready: on a fresh machine that is about a minute, which the first
+        sampler step would otherwise wait. A failure here is logged, not fatal: the first
+        request that needs the codec then reports it."""
+        if "gpu" not in codecs.available() or torch.device(self.settings.device).type != "cuda":
+            return
+        channels = self.model.config.hidden_size
+        log.info("preparing the gpu codec for %d channels on %s (the first run on a machine compiles its "
+                 "kernels: up to about a minute)", channels, self.settings.device)
+        try:
+            seconds = codecs.get("gpu").warm_up(channels, self.settings.device, self.settings.dtype)
+        except Exception as e:  # noqa: BLE001 - a daemon that cannot warm up can still serve other codecs
+            log.warning("gpu codec warm-up failed (%s: %s); its first use will try again", type(e).__name__, e)
+            return
+        if seconds is not None:
+            log.info("gpu codec ready in %.1f s", seconds)
 
     # ---------------------------------------------------------------- plan
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import zmq
 
+from ..discovery.address import WILDCARDS, resolve_ipv4
+from ..discovery.record import DiscoveryError
 from .host import ModelHost
 from .protocol import HelloRequest, Message, ProtocolError, StatusRequest, error_message, from_frames
 
@@ -48,8 +50,17 @@ class DaemonServer:
 
     @property
     def endpoint(self) -> str:
+        """Where a client reaches this daemon: a wildcard bind at loopback, a host or
+        interface name (as --host takes them) at its IPv4 address."""
         host = self.settings.bind_host
-        return f"tcp://{'127.0.0.1' if host in ('0.0.0.0', '*') else host}:{self.port}"
+        if host in WILDCARDS:
+            host = "127.0.0.1"
+        else:
+            try:
+                host = resolve_ipv4(host)
+            except DiscoveryError:  # not IPv4 (an IPv6 address, say): as it was given
+                pass
+        return f"tcp://{host}:{self.port}"
 
     # ---------------------------------------------------------------- lifecycle
 

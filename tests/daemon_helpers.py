@@ -14,11 +14,12 @@ from comfy_mesh.splitter.model_file import open_model
 
 
 @contextlib.contextmanager
-def running_daemon(checkpoint: str, blocks: int = 2, node_id: str = "node-b", max_message_bytes: int = 1 << 30):
+def running_daemon(checkpoint: str, blocks: int = 2, node_id: str = "node-b", max_message_bytes: int = 1 << 30,
+                   bind_host: str = "127.0.0.1"):
     model = open_model(checkpoint)
     host = ModelHost(model, HostSettings(node_id=node_id, name=f"test-{node_id}", max_message_bytes=max_message_bytes),
                      n_blocks_hosted=blocks)
-    server = DaemonServer(host, ServerSettings(bind_host="127.0.0.1", port=0)).start()
+    server = DaemonServer(host, ServerSettings(bind_host=bind_host, port=0)).start()
     try:
         yield server
     finally:

@@ -56,6 +56,15 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
+def test_a_daemon_bound_by_host_name_gives_an_address_clients_can_use(tiny_checkpoint):
+    # --host localhost (or an interface name, as ZeroMQ takes it) is not a connect address
+    # everywhere; the endpoint the daemon reports (logs, the ready line) is its IPv4 form.
+    with running_daemon(tiny_checkpoint, bind_host="localhost") as server:
+        assert server.endpoint == f"tcp://127.0.0.1:{server.port}"
+        with DaemonClient(server.endpoint, timeout_s=10) as client:
+            assert client.hello().node == "node-b"
+
+
 @pytest.mark.parametrize("n_remote", [1, 3, 5])
 def test_split_equals_local_with_raw_codec(model, tiny_checkpoint, n_remote):
     x = inputs(model.config)

@@ -8,7 +8,8 @@ import sys
 import pytest
 
 FIELDS = {"model", "steps", "n_blocks_remote", "codec", "bytes_per_step", "raw_bytes_per_step", "ratio",
-          "hop_rel_err", "final_rel_err", "local_step_s", "split_step_s"}
+          "hop_rel_err", "final_rel_err", "local_step_s", "split_step_s", "split_first_step_s", "daemon_ready_s",
+          "connect_s"}
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +36,8 @@ def test_demo_raw_equals_all_local():
     assert result["steps"] == 3 and result["n_blocks_remote"] == 3 and result["codec"] == "raw"
     # float32 carry and output, raw: twice the bf16 bytes, plus headers and the one-time ids.
     assert 0.4 < result["ratio"] < 0.5
-    assert result["local_step_s"] > 0 and result["split_step_s"] > 0
+    assert result["local_step_s"] > 0 and result["split_step_s"] > 0 and result["split_first_step_s"] > 0
+    assert result["daemon_ready_s"] > 0 and result["connect_s"] > 0
 
 
 def test_demo_cpu_codec_compresses_within_its_error():

@@ -349,3 +349,37 @@ def test_captured_and_launched_paths_agree_on_cuda():
         assert torch.equal(dec_launched.reference["coef"], enc.reference["coef"])
     m = launched.encode(a, layout=spec.layout)
     assert _rel(captured.decode(m, "cuda"), a) <= m.rel_err_bound
+
+
+def test_warm_up_is_a_no_op_where_the_kernels_do_not_run():
+    # The daemon and the client call it at start on every machine: on a CPU it must cost
+    # nothing and say so (None), whatever the backend setting.
+    assert get("gpu").warm_up(64, "cpu") is None
+    assert get("gpu", backend="torch").warm_up(64, "cpu") is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: there is nothing to compile ahead on a "
+                    "CPU (the fused kernels run on CUDA)")
+def test_after_warm_up_a_carry_of_another_size_compiles_nothing(tmp_path):
+    """warm_up compiles every fused kernel a generation needs for its channel count: a
+    carry of another token count and grid (key and delta, captured) adds nothing to a
+    fresh Triton cache. Triton would otherwise compile again for new size patterns."""
+    code = (
+        "import os, torch\n"
+        "from comfy_mesh.codec import get\n"
+        "from comfy_mesh.codec.base import StreamState, TokenLayout\n"
+        "codec, dev = get('gpu'), torch.device('cuda')\n"
+        "assert codec.warm_up(256, dev) is not None\n"
+        "def entries():\n"
+        "    return sum(len(files) for _, _, files in os.walk(os.environ['TRITON_CACHE_DIR']))\n"
+        "before = entries()\n"
+        "sent, received = StreamState(), StreamState()\n"
+        "for seed in range(2):\n"
+        "    x = torch.randn(1, 77 + 24 * 40, 256, device=dev, generator=torch.Generator(dev).manual_seed(seed))\n"
+        "    codec.decode(codec.encode(x.bfloat16(), state=sent, layout=TokenLayout(77, 24, 40)), dev, "
+        "state=received)\n"
+        "print('cache entries', before, entries())\n"
+        "assert before > 0 and entries() == before\n")
+    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "triton"))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
