@@ -192,7 +192,7 @@ class GpuCodec:
         # Launched, not captured: the kernels are what takes long, and a captured graph of
         # this small shape would only take a place in the graph caches.
         codec = GpuCodec(replace(self.settings, graphs=False))
-        layout = TokenLayout(n_txt=64, grid=(16, 16))
+        layout = TokenLayout(n_txt=64, h=16, w=16)
         g = torch.Generator(device=device).manual_seed(0)
         sent, received = StreamState(), StreamState()
         for _ in range(2):  # a key message, then a delta

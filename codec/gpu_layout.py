@@ -40,7 +40,10 @@ LOUD_FACTOR = 4.0  # image tokens this many times the median centred token norm 
 MAX_LOUD_FRACTION = 1 / 64  # at most this share of image tokens
 MAX_SHIFT = 15  # per-channel steps go down to step / 2^15
 STATS_ROWS = 256  # tokens sampled for each channel's median centre and spread
-ALIGN = 8  # byte alignment of each part of a message in memory (typed views need it)
+# Byte alignment of each part of a message in memory: typed views need it, and Triton
+# compiles a kernel variant per pointer alignment (16 or not), so parts at 8-byte
+# offsets compiled again for messages whose parts fell differently.
+ALIGN = 16
 
 
 def aligned(n: int) -> int:

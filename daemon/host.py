@@ -92,13 +92,14 @@ class ModelHost:
         self._contexts: collections.OrderedDict[str, tuple] = collections.OrderedDict()
         self._apply_plan(self.plan)
         local_capabilities()  # probe codecs now (NVENC takes ~0.5 s), not in the first HELLO
-        self._warm_up_codecs()
 
-    def _warm_up_codecs(self) -> None:
+    def warm_up_codecs(self) -> None:
         """Compile the gpu codec's kernels for this model's carry now, before the daemon
         says it is ready: on a fresh machine that is about a minute, which the first
-        sampler step would otherwise wait. A failure here is logged, not fatal: the first
-        request that needs the codec then reports it."""
+        sampler step would otherwise wait. Call it on the thread that will run the codec
+        (the server's worker): kernels are loaded into the CUDA context current there. A
+        failure here is logged, not fatal: the first request that needs the codec then
+        reports it."""
         if "gpu" not in codecs.available() or torch.device(self.settings.device).type != "cuda":
             return
         channels = self.model.config.hidden_size

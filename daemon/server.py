@@ -46,6 +46,7 @@ class DaemonServer:
         self._inproc = f"inproc://comfy-mesh-replies-{uuid.uuid4().hex}"
         self._threads: list[threading.Thread] = []
         self._ready = threading.Event()
+        self._warmed = threading.Event()
         self._error: BaseException | None = None
 
     @property
@@ -65,7 +66,8 @@ class DaemonServer:
     # ---------------------------------------------------------------- lifecycle
 
     def start(self) -> "DaemonServer":
-        """Bind and start serving in background threads; returns once bound."""
+        """Bind and start serving in background threads; returns once bound and the
+        worker has warmed its codecs up."""
         self._threads = [threading.Thread(target=self._loop, name="comfy-mesh-router", daemon=True),
                          threading.Thread(target=self._work, name="comfy-mesh-worker", daemon=True)]
         for t in self._threads:
@@ -73,6 +75,7 @@ class DaemonServer:
         self._ready.wait(10)
         if self._error is not None:
             raise self._error
+        self._warmed.wait()  # the worker's codec warm-up (logged; it never raises)
         log.info("daemon %s serving on %s", self.host.settings.name, self.endpoint)
         return self
 
@@ -163,6 +166,10 @@ class DaemonServer:
         sock.send_multipart([identity] + frames, copy=False)
 
     def _work(self) -> None:
+        try:  # here, not in the main thread: the codec's kernels load into this thread's context
+            self.host.warm_up_codecs()
+        finally:
+            self._warmed.set()
         push = self._ctx.socket(zmq.PUSH)
         push.setsockopt(zmq.LINGER, self.settings.linger_ms)
         push.connect(self._inproc)
