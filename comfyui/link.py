@@ -229,7 +229,7 @@ class PeerLink:
                 self._remote = RemoteStage(self._client, self._codec, reply_codec="raw", measure_error=s.measure_error,
                                            device="cuda" if s.local_cuda else "cpu")
                 self._remote.info = info
-                self._remote.warm_up((info.config or {}).get("hidden_size"))
+                self._remote.warm_up(info.config)  # replies come back raw: the carry's size only
                 self._update(codec=name)
                 self.install(s.n_blocks_remote)
         except BaseException:

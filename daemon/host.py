@@ -102,16 +102,19 @@ class ModelHost:
         reports it."""
         if "gpu" not in codecs.available() or torch.device(self.settings.device).type != "cuda":
             return
-        channels = self.model.config.hidden_size
-        log.info("preparing the gpu codec for %d channels on %s (the first run on a machine compiles its "
-                 "kernels: up to about a minute)", channels, self.settings.device)
-        try:
-            seconds = codecs.get("gpu").warm_up(channels, self.settings.device, self.settings.dtype)
-        except Exception as e:  # noqa: BLE001 - a daemon that cannot warm up can still serve other codecs
-            log.warning("gpu codec warm-up failed (%s: %s); its first use will try again", type(e).__name__, e)
-            return
-        if seconds is not None:
-            log.info("gpu codec ready in %.1f s", seconds)
+        # The carry (hidden size), and the model output the last stage sends back: Triton
+        # compiles per channel count.
+        c = self.model.config
+        for channels in sorted({c.hidden_size, c.out_channels}):
+            log.info("preparing the gpu codec for %d channels on %s (the first run on a machine compiles its "
+                     "kernels: up to about a minute)", channels, self.settings.device)
+            try:
+                seconds = codecs.get("gpu").warm_up(channels, self.settings.device, self.settings.dtype)
+            except Exception as e:  # noqa: BLE001 - a daemon that cannot warm up can still serve other codecs
+                log.warning("gpu codec warm-up failed (%s: %s); its first use will try again", type(e).__name__, e)
+                return
+            if seconds is not None:
+                log.info("gpu codec ready for %d channels in %.1f s", channels, seconds)
 
     # ---------------------------------------------------------------- plan
 
