@@ -60,6 +60,19 @@ def available(device: torch.device) -> bool:
     return triton is not None and device.type == "cuda"
 
 
+# Sizes the codec's kernels take as plain ints. Triton would compile a variant for each
+# pattern of them (== 1, divisible by 16): a carry of a new size would then compile again,
+# inside a sampler step, what GpuCodec.warm_up compiled before. One variant serves every size.
+SIZE_ARGS = ("STRIDE", "N_PROGRAMS", "ESC_CAP", "GROUPS", "T", "N_TXT", "H", "W", "HB", "WB", "TEXT_TILES",
+             "BLOCK_TILES", "TEXT_ROWS", "FIXED_ROWS", "n_loud", "C", "n", "CAP")
+
+
+def any_size(fn):
+    """triton.jit, without specialising on the SIZE_ARGS it has (constexprs stay constexprs)."""
+    args = fn.__code__.co_varnames[:fn.__code__.co_argcount]
+    return triton.jit(fn, do_not_specialize=[a for a in args if a in SIZE_ARGS and a not in fn.__annotations__])
+
+
 if triton is not None:
 
     @triton.jit
@@ -154,7 +167,7 @@ if triton is not None:
         tl.store(count_ptr + g + lanes * 0, ptr, mask=lanes == 0)
         tl.store(state_ptr + g.to(tl.int64) * LANES + lanes, x.to(tl.int32, bitcast=True))
 
-    @triton.jit(do_not_specialize=["n"])  # one variant for every size
+    @any_size
     def _decode_kernel(words_ptr, start_ptr, count_ptr, state_ptr, total_ptr, row_base_ptr, bucket_ptr, fc_ptr, slot_ptr,
                        token_ptr, steps_ptr, coef_ptr, bad_ptr, n, C: tl.constexpr, STEPS: tl.constexpr,
                        LANES: tl.constexpr, NB: tl.constexpr, PB: tl.constexpr, BALLOT: tl.constexpr):
@@ -205,7 +218,7 @@ if triton is not None:
         bad |= (ptr != start).to(tl.int32)
         tl.atomic_or(bad_ptr + lanes * 0, bad, mask=bad != 0)
 
-    @triton.jit(do_not_specialize=["CAP"])
+    @any_size
     def _gather_words_kernel(buf_ptr, count_ptr, start_ptr, out_ptr, CAP, BLOCK: tl.constexpr):
         g = tl.program_id(0)
         cnt = tl.load(count_ptr + g)

@@ -34,6 +34,7 @@ import time
 import torch
 
 from . import entropy_triton
+from .entropy_triton import any_size
 from .entropy import ALPHABET, ESCAPE, EXACT_TOKENS, MAX_EXP, Geometry, normalize_counts
 from .gpu_layout import (LOUD_CLASS, aligned, N_BUCKETS, N_CLASSES, ROWS_PER_BLOCK, STATS_ROWS, TEXT_CLASS, Layout,
                          channel_centre, channel_shifts, channel_spread, channel_steps, column_medians,
@@ -76,19 +77,6 @@ MEDIAN_CHANNELS = 4  # channels per column-median program
 
 def available(device: torch.device) -> bool:
     return entropy_triton.available(device)
-
-
-# Sizes a kernel takes as plain ints. Triton would compile a variant for each pattern of
-# them (== 1, divisible by 16): a carry of a new size would then compile again, inside a
-# sampler step, what GpuCodec.warm_up compiled before. One variant serves every size.
-SIZE_ARGS = ("STRIDE", "N_PROGRAMS", "ESC_CAP", "GROUPS", "T", "N_TXT", "H", "W", "HB", "WB", "TEXT_TILES",
-             "BLOCK_TILES", "TEXT_ROWS", "FIXED_ROWS", "n_loud", "C")
-
-
-def _any_size(fn):
-    """triton.jit, without specialising on the SIZE_ARGS it has."""
-    args = fn.__code__.co_varnames[:fn.__code__.co_argcount]
-    return triton.jit(fn, do_not_specialize=[a for a in args if a in SIZE_ARGS and a not in fn.__annotations__])
 
 
 if triton is not None:
@@ -162,7 +150,7 @@ if triton is not None:
             xv = tl.dot(d2, xv, input_precision=PREC)
         return xv, ch, cm, m
 
-    @_any_size
+    @any_size
     def _fit_kernel(x_ptr, center_ptr, loud_mask_ptr, loud_idx_ptr, n_loud_ptr, d2_ptr, ref_ptr, steps_ptr, inv_ptr,
                     err_ptr, sq_ptr, count_ptr, STRIDE, N_PROGRAMS, GROUPS, T, N_TXT, H, W, HB, WB, TEXT_TILES, BLOCK_TILES,
                     TEXT_ROWS, FIXED_ROWS, C: tl.constexpr, CB: tl.constexpr, CHUNKS: tl.constexpr,
@@ -201,7 +189,7 @@ if triton is not None:
                 acc += tl.where(kk == k, tl.sum(tl.sum(e * e, 1), 0), 0.0)
         tl.store(err_ptr + pid.to(tl.int64) * K + kk, acc)
 
-    @_any_size
+    @any_size
     def _quantise_kernel(x_ptr, center_ptr, loud_mask_ptr, loud_idx_ptr, n_loud_ptr, d2_ptr, ref_ptr, new_ref_ptr, steps_ptr,
                          inv_ptr, bucket_ptr, sym_ptr, key_ptr, esc_count_ptr, esc_pos_ptr, esc_val_ptr,
                          ESC_CAP, GROUPS, T, N_TXT, H, W, HB, WB, TEXT_TILES, BLOCK_TILES, TEXT_ROWS, FIXED_ROWS,
@@ -251,7 +239,7 @@ if triton is not None:
             tl.store(key_ptr + at_key, tl.where(m, b * 64 + tok, -1).to(tl.float32),
                      mask=(r % (64 // KEPT) == v)[:, None])
 
-    @_any_size
+    @any_size
     def _inverse_kernel(coef_ptr, ref_ptr, new_ref_ptr, center_ptr, loud_mask_ptr, loud_idx_ptr, n_loud, d2_ptr,
                         out_ptr, GROUPS, T, N_TXT, H, W, HB, WB, TEXT_TILES, BLOCK_TILES, TEXT_ROWS, FIXED_ROWS,
                         C: tl.constexpr, CB: tl.constexpr, CHUNKS: tl.constexpr, HAS_REF: tl.constexpr,
@@ -279,7 +267,7 @@ if triton is not None:
             c += tl.load(center_ptr + ch, mask=cm, other=0.0)[None, :]
             tl.store(out_ptr + own.to(tl.int64)[:, None] * C + ch[None, :], c, mask=(own >= 0)[:, None] & cm[None, :])
 
-    @_any_size
+    @any_size
     def _column_median_kernel(rows_ptr, out_ptr, C, R: tl.constexpr, CB: tl.constexpr):
         ch = tl.program_id(0) * CB + tl.arange(0, CB)
         r = tl.arange(0, R)
