@@ -23,7 +23,7 @@ from comfy_mesh.codec import entropy_triton as T
 from comfy_mesh.codec import gpu as gpu_codec, gpu_kernels
 from comfy_mesh.codec.base import CodecError, EncodedTensor, StreamState
 from comfy_mesh.codec.corpus import CorpusSpec, synthetic_carry, synthetic_steps
-from comfy_mesh.codec.gpu_layout import N_CLASSES, Layout, symbol_contexts
+from comfy_mesh.codec.gpu_layout import N_CLASSES, Layout, row_classes, symbol_contexts
 
 
 def timed(fn, repeat):
@@ -115,8 +115,8 @@ def kernels_match_reference(dev, side: int = 40, channels: int = 96, steps: int 
     bad = torch.zeros(1, dtype=torch.int32, device=dev)
     # int64 words and states wrap to int16 / int32 bit patterns, as they travel
     coef = T.decode(ref.words.to(torch.int16).to(dev), torch.tensor([ref.words.numel()], device=dev),
-                    ref.group_words.int().to(dev), ref.states.to(torch.int32).to(dev), buckets.to(dev), lay.text_rows,
-                    lay.fixed_rows, freq.to(dev), step_sizes.to(dev), geo, bad)[:n]
+                    ref.group_words.int().to(dev), ref.states.to(torch.int32).to(dev), buckets.to(dev),
+                    row_classes(lay, dev), freq.to(dev), step_sizes.to(dev), geo, bad)[:n]
     expect = (E.detokenize(tok, raw).float().view(-1, channels) * step_sizes).reshape(-1)
     return bool(same and torch.equal(coef.cpu(), expect) and int(bad) == 0)
 

@@ -27,11 +27,11 @@ import torch
 
 from .entropy import (ALPHABET, MAX_EXP, PROB_BITS, STATE_LOW, cumulative, detokenize,
                       slot_table, token_raw_bits, tokenize as reference_tokenize)
-from .gpu_layout import LOUD_CLASS, N_BUCKETS, ROWS_PER_BLOCK, TEXT_CLASS, band_of_rows
+from .gpu_layout import N_BUCKETS
 
-# The kernels spell out the state bound (65536), the block rows (64) and the packed
-# tables' width (64): keep them in step.
-assert (STATE_LOW, ROWS_PER_BLOCK) == (65536, 64)
+# The kernels spell out the state bound (65536) and the packed tables' width (64, below):
+# keep them in step.
+assert STATE_LOW == 65536
 
 try:  # Triton is optional: present with CUDA builds of torch, absent on CPU-only machines
     import triton
@@ -257,25 +257,21 @@ def packed_tables(freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 _CONSTANTS: dict = {}
 
 
-def _constants(device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(64,) int32 token table (a token's value with zero raw bits | its raw bit count
-    << 20) and (64,) int64 band of each block row, on `device`, made once (outside any
-    graph capture: the first decode of a shape runs eagerly)."""
-    key = str(device)
+def device_constant(name: str, device, make) -> torch.Tensor:
+    """A table the kernels read, made by `make(device)` once per device: an upload in the
+    middle of a decode would wait for the kernels queued before it, and a CUDA graph
+    capture cannot hold one (the first decode of a shape runs eagerly, so the table
+    exists before its capture)."""
+    key = (name, str(device))
     if key not in _CONSTANTS:
-        t = torch.arange(TABLE_WIDTH).clamp(max=ALPHABET - 1)
-        info = detokenize(t, torch.zeros_like(t)) | (token_raw_bits(t) << 20)
-        _CONSTANTS[key] = (info.to(torch.int32).to(device), band_of_rows(device))
+        _CONSTANTS[key] = make(device)
     return _CONSTANTS[key]
 
 
-def _row_bases(text_rows: int, fixed_rows: int, rows: int, channels: int, band: torch.Tensor) -> torch.Tensor:
-    """(rows,) int32: each coefficient row's class * channels, where its context tables
-    start in the (classes, channels) bucket table (gpu_layout's row order)."""
-    r = torch.arange(rows, device=band.device)
-    cls = torch.where(r < text_rows, TEXT_CLASS, torch.where(r < fixed_rows, band[(r - text_rows) % ROWS_PER_BLOCK],
-                                                             LOUD_CLASS))
-    return (cls * channels).to(torch.int32)
+def _token_table(device) -> torch.Tensor:
+    """(64,) int32: a token's value with zero raw bits | its raw bit count << 20."""
+    t = torch.arange(TABLE_WIDTH).clamp(max=ALPHABET - 1)
+    return (detokenize(t, torch.zeros_like(t)) | (token_raw_bits(t) << 20)).to(torch.int32).to(device)
 
 
 def encode(symbols: torch.Tensor, n: torch.Tensor, freq: torch.Tensor, geo) -> tuple[torch.Tensor, torch.Tensor,
@@ -303,10 +299,11 @@ def gather_words(buf: torch.Tensor, counts: torch.Tensor, out: torch.Tensor) -> 
 
 
 def decode(words: torch.Tensor, total_words: torch.Tensor, group_words: torch.Tensor, states: torch.Tensor,
-           buckets: torch.Tensor, text_rows: int, fixed_rows: int, freq: torch.Tensor, steps_c: torch.Tensor, geo,
+           buckets: torch.Tensor, classes: torch.Tensor, freq: torch.Tensor, steps_c: torch.Tensor, geo,
            bad: torch.Tensor) -> torch.Tensor:
     """Decode to dequantised float32 coefficients (escapes as 0), plus one spare slot at
-    the end (a place for escapes that are not there). `words` may be longer than the
+    the end (a place for escapes that are not there). `classes`: each coefficient row's
+    class (gpu_layout.row_classes), which picks its row of `buckets`. `words` may be longer than the
     stream: `total_words` (a 1-element device tensor) says how much is. Corruption sets
     `bad` (a 1-element int32 device tensor) instead of raising: the caller checks it once."""
     device = words.device
@@ -316,11 +313,11 @@ def decode(words: torch.Tensor, total_words: torch.Tensor, group_words: torch.Te
     if words.numel() == 0:
         words = torch.zeros(1, dtype=torch.int16, device=device)
     fc, _ = packed_tables(freq)
-    tokens, band = _constants(device)
     channels = buckets.shape[1]
-    row_bases = _row_bases(text_rows, fixed_rows, -(-geo.n // channels), channels, band)
+    row_bases = (classes * channels).to(torch.int32)  # where each row's tables start in `buckets`
     _decode_kernel[(G,)](words, starts, group_words.to(torch.int32).contiguous(), states.contiguous(), total_words,
-                         row_bases, buckets, fc, slot_table(freq).to(torch.uint8).contiguous(), tokens,
+                         row_bases, buckets, fc, slot_table(freq).to(torch.uint8).contiguous(),
+                         device_constant("tokens", device, _token_table),
                          steps_c.contiguous(), coef, bad, geo.n, C=channels, STEPS=S, LANES=W, NB=N_BUCKETS,
                          PB=PROB_BITS, BALLOT=_ballot(W), num_warps=max(1, W // LANES_PER_WARP))
     return coef

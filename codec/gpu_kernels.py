@@ -34,11 +34,12 @@ import time
 import torch
 
 from . import entropy_triton
-from .entropy_triton import any_size
+from .entropy_triton import any_size, device_constant
 from .entropy import ALPHABET, ESCAPE, EXACT_TOKENS, MAX_EXP, Geometry, normalize_counts
 from .gpu_layout import (LOUD_CLASS, aligned, N_BUCKETS, N_CLASSES, ROWS_PER_BLOCK, STATS_ROWS, TEXT_CLASS, Layout,
                          channel_centre, channel_shifts, channel_spread, channel_steps, column_medians,
-                         context_buckets, dct2_matrix, find_loud, round_step, sample_rows)
+                         band_of_rows, context_buckets, dct2_matrix, find_loud, round_step, row_classes,
+                         sample_rows)
 
 try:
     import triton
@@ -303,7 +304,7 @@ class _Grid:
         self.tiles = self.text_tiles + self.block_tiles + self.loud_tiles
         self.groups = -(-p.channels // (CHANNEL_BLOCK * CHUNKS))  # channel groups per tile
         self.programs = self.tiles * self.groups
-        self.d2 = _dct2(device)
+        self.d2 = device_constant("dct2", device, dct2_matrix)  # the 64x64 block DCT
 
     def args(self) -> dict:
         p = self.layout
@@ -333,18 +334,6 @@ PHASES: dict | None = None
 def mark(name: str) -> None:
     if PHASES is not None:
         PHASES[name] = time.perf_counter()
-
-
-_DCT2: dict = {}
-
-
-def _dct2(device) -> torch.Tensor:
-    """The 64x64 block DCT on `device`, made once: an upload in the middle of a decode
-    would wait for the kernels queued before it."""
-    key = str(device)
-    if key not in _DCT2:
-        _DCT2[key] = dct2_matrix(device)
-    return _DCT2[key]
 
 
 def _loud_mask(loud_idx: torch.Tensor, image_tokens: int) -> torch.Tensor:
@@ -585,8 +574,9 @@ def decode(pieces: dict, layout: Layout, geo: Geometry, center: torch.Tensor, re
     total_words = pieces.get("total_words")
     if total_words is None:
         total_words = torch.full((1,), pieces["words"].numel(), dtype=torch.int64, device=device)
+    classes = row_classes(p, device, band=device_constant("band", device, band_of_rows))
     coef = entropy_triton.decode(pieces["words"], total_words, pieces["group_words"], pieces["states"],
-                                 pieces["buckets"], p.text_rows, p.fixed_rows, pieces["freq"], steps_c, geo, bad)
+                                 pieces["buckets"], classes, pieces["freq"], steps_c, geo, bad)
     esc_pos = pieces["esc_pos"]
     if esc_pos.numel():
         listed = torch.arange(esc_pos.numel(), device=device) < pieces.get("n_esc", esc_pos.numel())

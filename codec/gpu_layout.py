@@ -139,11 +139,13 @@ def band_of_rows(device=None) -> torch.Tensor:
                         dtype=torch.int64, device=device)
 
 
-def row_classes(layout: Layout, device=None) -> torch.Tensor:
-    """Class of every row, in row order."""
+def row_classes(layout: Layout, device=None, band: torch.Tensor | None = None) -> torch.Tensor:
+    """Class of every row, in row order. `band`: band_of_rows made beforehand (on
+    `device`), for callers that must not upload (inside a CUDA graph capture)."""
     blocks = layout.block_rows // ROWS_PER_BLOCK
+    band = band_of_rows(device) if band is None else band
     return torch.cat([torch.full((layout.text_rows,), TEXT_CLASS, dtype=torch.int64, device=device),
-                      band_of_rows(device).repeat(blocks),
+                      band.repeat(blocks),
                       torch.full((len(layout.loud),), LOUD_CLASS, dtype=torch.int64, device=device)])
 
 
