@@ -17,8 +17,9 @@ which this machine can decode (`decode_capability()` on the class, where defined
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -29,6 +30,8 @@ from .gpu import GpuCodec
 from .nvenc import NvencCodec
 from .raw import RawCodec
 from .x265 import X265Codec
+
+log = logging.getLogger(__name__)
 
 _CODECS: dict[str, type] = {cls.name: cls for cls in (RawCodec, CpuCodec, GpuCodec, X265Codec, NvencCodec)}
 
@@ -121,3 +124,26 @@ def decode(message: EncodedTensor, device: torch.device | str | None = None,
     if decoder is None:
         decoder = _DECODERS.setdefault(name, _codec_class(name)())
     return decoder.decode(message, device, state=state)
+
+
+def warm_up(codec: Codec, channel_counts: Iterable, device, dtype: torch.dtype = torch.bfloat16) -> None:
+    """Do `codec`'s first-use work now, for each channel count (ints; others are skipped):
+    the gpu codec compiles its kernels per channel count, about a minute on a fresh
+    machine, which the first sampler step would otherwise wait. Codecs without such work,
+    and devices where it does not apply, return at once. Run it on the thread that will
+    use the codec (kernels load into the CUDA context current there). A failure is
+    logged, not raised: the codec's first real use then tries again and reports it."""
+    warm = getattr(codec, "warm_up", None)
+    if warm is None or torch.device(device).type != "cuda":
+        return
+    for channels in sorted({c for c in channel_counts if isinstance(c, int)}):
+        log.info("preparing the %s codec for %d channels on %s (the first run on a machine compiles its kernels: "
+                 "up to about a minute)", codec.name, channels, device)
+        try:
+            seconds = warm(channels, device, dtype)
+        except Exception as e:  # noqa: BLE001 - the codec's first use tries again and reports what fails
+            log.warning("%s codec warm-up failed (%s: %s); its first use will try again", codec.name,
+                        type(e).__name__, e)
+            return
+        if seconds is not None:
+            log.info("%s codec ready for %d channels in %.1f s", codec.name, channels, seconds)

@@ -94,27 +94,15 @@ class ModelHost:
         local_capabilities()  # probe codecs now (NVENC takes ~0.5 s), not in the first HELLO
 
     def warm_up_codecs(self) -> None:
-        """Compile the gpu codec's kernels for this model's carry now, before the daemon
-        says it is ready: on a fresh machine that is about a minute, which the first
-        sampler step would otherwise wait. Call it on the thread that will run the codec
-        (the server's worker): kernels are loaded into the CUDA context current there. A
-        failure here is logged, not fatal: the first request that needs the codec then
-        reports it."""
-        if "gpu" not in codecs.available() or torch.device(self.settings.device).type != "cuda":
-            return
-        # The carry (hidden size), and the model output the last stage sends back: Triton
-        # compiles per channel count.
-        c = self.model.config
-        for channels in sorted({c.hidden_size, c.out_channels}):
-            log.info("preparing the gpu codec for %d channels on %s (the first run on a machine compiles its "
-                     "kernels: up to about a minute)", channels, self.settings.device)
-            try:
-                seconds = codecs.get("gpu").warm_up(channels, self.settings.device, self.settings.dtype)
-            except Exception as e:  # noqa: BLE001 - a daemon that cannot warm up can still serve other codecs
-                log.warning("gpu codec warm-up failed (%s: %s); its first use will try again", type(e).__name__, e)
-                return
-            if seconds is not None:
-                log.info("gpu codec ready for %d channels in %.1f s", channels, seconds)
+        """Compile the gpu codec's kernels for this model's carries now, before the daemon
+        says it is ready (codec.warm_up). Call it on the thread that will run the codec:
+        the server's worker."""
+        if "gpu" in codecs.available():
+            # The carry (hidden size), and the model output the last stage sends back:
+            # Triton compiles per channel count.
+            c = self.model.config
+            codecs.warm_up(codecs.get("gpu"), (c.hidden_size, c.out_channels), self.settings.device,
+                           self.settings.dtype)
 
     # ---------------------------------------------------------------- plan
 

@@ -102,22 +102,12 @@ class RemoteStage:
         for the carry (the peer's hidden size) and, where replies come back in the same
         codec, the model output (its out_channels). Nothing to do for other codecs, on a
         CPU, or when the peer did not say its sizes."""
-        warm = getattr(self.codec, "warm_up", None)
-        if warm is None or not config or not self.device.startswith("cuda"):
+        if not config:
             return
-        counts = {config.get("hidden_size")}
+        counts = [config.get("hidden_size")]
         if self.reply_codec == self.codec.name:
-            counts.add(config.get("out_channels"))
-        for channels in sorted(c for c in counts if isinstance(c, int)):
-            log.info("preparing the %s codec for %d channels (the first run on a machine compiles its kernels: "
-                     "up to about a minute)", self.codec.name, channels)
-            try:
-                seconds = warm(channels, self.device)
-            except Exception as e:  # noqa: BLE001 - the first step then tries again and reports what fails
-                log.warning("%s codec warm-up failed (%s: %s)", self.codec.name, type(e).__name__, e)
-                return
-            if seconds is not None:
-                log.info("%s codec ready for %d channels in %.1f s", self.codec.name, channels, seconds)
+            counts.append(config.get("out_channels"))
+        codecs.warm_up(self.codec, counts, self.device)
 
     def reconfigure(self, plan):
         return self.client.reconfigure(plan)
