@@ -44,23 +44,24 @@ def timed(fn, repeat):
 LAST_MIN = 0.0
 
 
-def busy_ms(fn) -> float:
-    """GPU time of one call: the sum of its kernels' and copies' device times."""
+def profiled(fn, *activities):
+    """The profiler's record of one call of `fn` (after one call unrecorded: compiles and
+    captures happen there), CUDA activity unless other activities are named."""
     fn()
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    with torch.profiler.profile(activities=list(activities or [torch.profiler.ProfilerActivity.CUDA])) as prof:
         fn()
         torch.cuda.synchronize()
-    return round(sum(e.self_device_time_total for e in prof.key_averages()) / 1e3, 3)
+    return prof
+
+
+def busy_ms(fn) -> float:
+    """GPU time of one call: the sum of its kernels' and copies' device times."""
+    return round(sum(e.self_device_time_total for e in profiled(fn).key_averages()) / 1e3, 3)
 
 
 def top_kernels(fn, n: int = 14) -> dict:
-    fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
+    prof = profiled(fn, torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA)
     rows = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)[:n]
     return {e.key[:60]: round(e.self_device_time_total / 1e3, 3) for e in rows if e.self_device_time_total > 0}
 
@@ -82,11 +83,7 @@ def host_syncs(fn) -> list[str]:
 
 def cpu_ops(fn, n: int = 12) -> dict:
     """Where one call's host time goes: the profiler's CPU self time per op, ms."""
-    fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-        torch.cuda.synchronize()
+    prof = profiled(fn, torch.profiler.ProfilerActivity.CPU)
     rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:n]
     return {e.key[:50]: round(e.self_cpu_time_total / 1e3, 3) for e in rows}
 

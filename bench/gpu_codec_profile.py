@@ -20,17 +20,13 @@ import torch
 from comfy_mesh.codec import decode, get
 from comfy_mesh.codec.base import StreamState
 from comfy_mesh.codec.corpus import CorpusSpec, synthetic_carry, synthetic_steps
+from gpu_codec_check import profiled  # this script's folder is on the path when it runs
 
 
 def kernel_table(fn) -> dict:
     """-> {"total_ms", "launches", "kernels": {name: [launches, ms]}} for one call, on the GPU."""
-    fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
     rows: dict = defaultdict(lambda: [0, 0.0])
-    for e in prof.events():
+    for e in profiled(fn).events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
             row = rows[e.name[:70]]
             row[0] += 1
