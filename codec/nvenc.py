@@ -174,7 +174,36 @@ def _probe_frame(width: int = 256, height: int = 256) -> np.ndarray:
     return np.ascontiguousarray(np.stack([plane, plane[::-1], plane[:, ::-1]]))
 
 
+def _on_own_thread(probe):
+    """Run a probe on a thread of its own. PyNvVideoCodec makes CUDA contexts of its own
+    to open an encoder or decoder; one left current on the caller's thread would take that
+    thread's later CUDA work (torch's, the gpu codec's kernels) into it: the likely cause
+    of a daemon (H100) that warmed the gpu codec up on the thread that had run these
+    probes and then failed its first FORWARD on another ("invalid resource handle")."""
+
+    @functools.wraps(probe)
+    def isolated(*args, **kwargs):
+        result: list = []
+
+        def run():
+            try:
+                result.append((True, probe(*args, **kwargs)))
+            except BaseException as exc:  # noqa: BLE001 - handed back to the caller below
+                result.append((False, exc))
+
+        thread = threading.Thread(target=run, name="comfy-mesh-codec-probe", daemon=True)
+        thread.start()
+        thread.join()
+        ok, value = result[0]
+        if not ok:
+            raise value
+        return value
+
+    return isolated
+
+
 @functools.lru_cache(maxsize=None)
+@_on_own_thread
 def nvenc_capability(gpu_id: int = 0) -> tuple[bool, str]:
     """(usable, reason): can this process open an NVENC HEVC 4:4:4 session on `gpu_id`
     and encode a frame? Found by trying (about 0.5 s once), never from NVML."""
@@ -193,6 +222,7 @@ def nvenc_capability(gpu_id: int = 0) -> tuple[bool, str]:
 
 
 @functools.lru_cache(maxsize=None)
+@_on_own_thread
 def nvdec_capability(gpu_id: int = 0) -> tuple[bool, str]:
     """(usable, reason): can this process decode HEVC 4:4:4 8-bit with NVDEC on `gpu_id`?"""
     nvc, reason = _decoder_module()

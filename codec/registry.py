@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 from typing import Any, Iterable
 
 import torch
@@ -41,28 +40,7 @@ _DECODERS: dict[str, Codec] = {}
 
 def _capability(cls: type, probe_name: str = "capability") -> tuple[bool, str]:
     probe = getattr(cls, probe_name, None)
-    return (True, "always available") if probe is None else _on_own_thread(probe)
-
-
-def _on_own_thread(probe) -> tuple[bool, str]:
-    """Run a hardware probe on a thread of its own. PyNvVideoCodec makes CUDA contexts of
-    its own to open an encoder or decoder; one left current on the caller's thread would
-    take that thread's later CUDA work (torch's, the gpu codec's kernels) into it."""
-    result: list = []
-
-    def run():
-        try:
-            result.append((True, probe()))
-        except BaseException as exc:  # noqa: BLE001 - handed back to the caller below
-            result.append((False, exc))
-
-    thread = threading.Thread(target=run, name="comfy-mesh-codec-probe", daemon=True)
-    thread.start()
-    thread.join()
-    ok, value = result[0]
-    if not ok:
-        raise value
-    return value
+    return (True, "always available") if probe is None else probe()
 
 
 def capabilities() -> dict[str, tuple[bool, str]]:
