@@ -40,9 +40,7 @@ except ImportError:  # pragma: no cover - depends on the machine
     triton = None
 
 
-#: lanes one warp runs: 32 is one lane a thread. 64 gives each thread two independent states
-#: (more instruction-level parallelism, half the warps): no faster on an H200 (bench/NOTES.md),
-#: so the kernels are issue-bound, not latency-bound.
+#: lanes one warp runs: 32 is one lane a thread (the lane ranks come from one warp vote).
 LANES_PER_WARP = 32
 
 # A packed symbol (int32): context table << 24 | token << 18 | raw bit count << 14 | raw
@@ -134,36 +132,61 @@ if triton is not None:
         return tl.where(need, (x << 16) | (w.to(tl.uint32) & 0xFFFF), x), blk, bad
 
     @triton.jit
+    def _symbol(sym_ptr, offs, lo, n):
+        """One step's packed symbols (0 outside this group's steps and the carry)."""
+        return tl.load(sym_ptr + offs, mask=(offs >= lo) & (offs < n), other=0)
+
+    @triton.jit
+    def _encode_step(x, ptr, s, offs, lo, n, fc_ptr, rcp_ptr, out, PB: tl.constexpr, BALLOT: tl.constexpr):
+        """Push one step's symbols (`s`, packed; the step at `offs`) onto the lanes' states."""
+        valid = (offs >= lo) & (offs < n)
+        nr = ((s >> 14) & 15).to(tl.uint32)
+        # raw bits first (the decoder pops them after the token): room for nr more bits?
+        need = (nr > 0) & ((x >> (32 - tl.maximum(nr, 1))) != 0)
+        x, ptr = _emit(x, need, ptr, out, BALLOT)
+        x = (x << nr) | (s & 0x3FFF).to(tl.uint32)
+        # then the token: frequency and cumulative frequency in one word
+        key = s >> 18
+        fc = tl.load(fc_ptr + key, mask=valid, other=1 << 16).to(tl.uint32)
+        rcp = tl.load(rcp_ptr + key, mask=valid, other=1.0)
+        f = tl.maximum(fc >> 16, 1)
+        need = valid & ((x >> (32 - PB)) >= f)
+        x, ptr = _emit(x, need, ptr, out, BALLOT)
+        # x // f without an integer division: x * (1/f) in float64 is within 2^-19 of
+        # the quotient (x < 2^32), whose fraction is 0 or at least 1/f >= 2^-14, so
+        # adding 2^-16 and truncating gives it exactly.
+        qt = (x.to(tl.float64) * rcp + 0.0000152587890625).to(tl.uint32)
+        return tl.where(valid, (qt << PB) + (x - qt * f) + (fc & 0xFFFF), x), ptr
+
+    @triton.jit
     def _encode_kernel(sym_ptr, fc_ptr, rcp_ptr, out_ptr, count_ptr, state_ptr, n_ptr, STEPS: tl.constexpr,
                        LANES: tl.constexpr, PB: tl.constexpr, BALLOT: tl.constexpr):
+        """Steps run last to first, four at a time: the next four steps' symbols load
+        while these four are coded (loaded step by step, each step waited for a memory
+        round trip: on an H100 that, not the instruction count, set the time)."""
         g = tl.program_id(0)
         lanes = tl.arange(0, LANES)
         n = tl.load(n_ptr)
         out = out_ptr + g.to(tl.int64) * (2 * STEPS * LANES)
         x = tl.full((LANES,), 65536, tl.uint32)
         ptr = tl.zeros((LANES,), tl.int32)
-        offs = (g * STEPS + STEPS - 1) * LANES + lanes
-        for k in range(STEPS):
-            valid = offs < n
-            s = tl.load(sym_ptr + offs, mask=valid, other=0)
-            nr = ((s >> 14) & 15).to(tl.uint32)
-            # raw bits first (the decoder pops them after the token): room for nr more bits?
-            need = (nr > 0) & ((x >> (32 - tl.maximum(nr, 1))) != 0)
-            x, ptr = _emit(x, need, ptr, out, BALLOT)
-            x = (x << nr) | (s & 0x3FFF).to(tl.uint32)
-            # then the token: frequency and cumulative frequency in one word
-            key = s >> 18
-            fc = tl.load(fc_ptr + key, mask=valid, other=1 << 16).to(tl.uint32)
-            rcp = tl.load(rcp_ptr + key, mask=valid, other=1.0)
-            f = tl.maximum(fc >> 16, 1)
-            need = valid & ((x >> (32 - PB)) >= f)
-            x, ptr = _emit(x, need, ptr, out, BALLOT)
-            # x // f without an integer division: x * (1/f) in float64 is within 2^-19 of
-            # the quotient (x < 2^32), whose fraction is 0 or at least 1/f >= 2^-14, so
-            # adding 2^-16 and truncating gives it exactly.
-            qt = (x.to(tl.float64) * rcp + 0.0000152587890625).to(tl.uint32)
-            x = tl.where(valid, (qt << PB) + (x - qt * f) + (fc & 0xFFFF), x)
-            offs -= LANES
+        lo = g * STEPS * LANES
+        offs = lo + (STEPS - 1) * LANES + lanes
+        s0 = _symbol(sym_ptr, offs, lo, n)
+        s1 = _symbol(sym_ptr, offs - LANES, lo, n)
+        s2 = _symbol(sym_ptr, offs - 2 * LANES, lo, n)
+        s3 = _symbol(sym_ptr, offs - 3 * LANES, lo, n)
+        for _ in range(0, STEPS, 4):
+            t0 = _symbol(sym_ptr, offs - 4 * LANES, lo, n)
+            t1 = _symbol(sym_ptr, offs - 5 * LANES, lo, n)
+            t2 = _symbol(sym_ptr, offs - 6 * LANES, lo, n)
+            t3 = _symbol(sym_ptr, offs - 7 * LANES, lo, n)
+            x, ptr = _encode_step(x, ptr, s0, offs, lo, n, fc_ptr, rcp_ptr, out, PB, BALLOT)
+            x, ptr = _encode_step(x, ptr, s1, offs - LANES, lo, n, fc_ptr, rcp_ptr, out, PB, BALLOT)
+            x, ptr = _encode_step(x, ptr, s2, offs - 2 * LANES, lo, n, fc_ptr, rcp_ptr, out, PB, BALLOT)
+            x, ptr = _encode_step(x, ptr, s3, offs - 3 * LANES, lo, n, fc_ptr, rcp_ptr, out, PB, BALLOT)
+            s0, s1, s2, s3 = t0, t1, t2, t3
+            offs -= 4 * LANES
         tl.store(count_ptr + g + lanes * 0, ptr, mask=lanes == 0)
         tl.store(state_ptr + g.to(tl.int64) * LANES + lanes, x.to(tl.int32, bitcast=True))
 

@@ -37,7 +37,7 @@ from . import entropy_triton
 from .entropy_triton import any_size, device_constant
 from .entropy import ALPHABET, ESCAPE, EXACT_TOKENS, MAX_EXP, Geometry, normalize_counts
 from .gpu_layout import (LOUD_CLASS, aligned, N_BUCKETS, N_CLASSES, ROWS_PER_BLOCK, STATS_ROWS, TEXT_CLASS, Layout,
-                         channel_centre, channel_shifts, channel_spread, channel_steps, column_medians,
+                         channel_centre, channel_shifts, channel_spread, channel_steps,
                          band_of_rows, context_buckets, dct2_matrix, find_loud, round_step, row_classes,
                          sample_rows)
 
@@ -73,7 +73,10 @@ ESCAPE_CAPACITY = 4096
 # a 5e-4 relative error to every coefficient).
 PRECISION = "tf32x3"
 NUM_WARPS = 4  # per tile program
-MEDIAN_CHANNELS = 4  # channels per column-median program
+# Channels and warps per centre-and-spread program (bench/centre_spread_sweep.py, H100:
+# 8 and 1 took 0.061 ms for 512 x 6144 rows, 4 and 4 0.187 ms, 16 and 4 0.378 ms).
+MEDIAN_CHANNELS = 8
+MEDIAN_WARPS = 1
 
 
 def available(device: torch.device) -> bool:
@@ -269,12 +272,26 @@ if triton is not None:
             tl.store(out_ptr + own.to(tl.int64)[:, None] * C + ch[None, :], c, mask=(own >= 0)[:, None] & cm[None, :])
 
     @any_size
-    def _column_median_kernel(rows_ptr, out_ptr, C, R: tl.constexpr, CB: tl.constexpr):
+    def _centre_spread_kernel(x_ptr, centre_ptr, spread_ptr, n, C, R: tl.constexpr, CB: tl.constexpr,
+                              HAS_CENTRE: tl.constexpr):
+        """gpu_layout's sample_rows, channel_centre (unless HAS_CENTRE: given) and
+        channel_spread for CB channels: R evenly spaced rows of the (n, C) carry, a
+        bitonic sort for each median."""
         ch = tl.program_id(0) * CB + tl.arange(0, CB)
-        r = tl.arange(0, R)
         cm = ch < C
-        v = tl.sort(tl.load(rows_ptr + r[None, :] * C + ch[:, None], mask=cm[:, None], other=0.0), dim=1)
-        tl.store(out_ptr + ch, tl.sum(tl.where(r[None, :] == (R - 1) // 2, v, 0.0), 1), mask=cm)
+        r = tl.arange(0, R)
+        row = r.to(tl.int64) * (n - 1) // (R - 1)
+        v = tl.load(x_ptr + row[None, :] * C + ch[:, None], mask=cm[:, None], other=0.0).to(tl.float32)
+        mid = r[None, :] == (R - 1) // 2  # the lower median
+        if HAS_CENTRE:
+            centre = tl.load(centre_ptr + ch, mask=cm, other=0.0)
+        else:
+            centre = tl.sum(tl.where(mid, tl.sort(v, dim=1), 0.0), 1).to(tl.bfloat16).to(tl.float32)
+            tl.store(centre_ptr + ch, centre, mask=cm)
+        d = v - centre[:, None]
+        mad = 1.4826 * tl.sum(tl.where(mid, tl.sort(tl.abs(d), dim=1), 0.0), 1)
+        rms = tl.sqrt(tl.sum(d * d, 1) / R)
+        tl.store(spread_ptr + ch, tl.where(mad > 0, mad, rms), mask=cm)
 
     @triton.jit
     def _token_sq_kernel(x_ptr, center_ptr, centred_ptr, plain_ptr, C: tl.constexpr, CB: tl.constexpr):
@@ -314,16 +331,20 @@ class _Grid:
                     TEXT=TEXT_CLASS, LOUD=LOUD_CLASS, PREC=PRECISION, num_warps=NUM_WARPS)
 
 
-def _column_medians(rows: torch.Tensor) -> torch.Tensor:
-    """gpu_layout.column_medians in one kernel (a bitonic sort per MEDIAN_CHANNELS
-    channels): the two torch sorts took 0.27 ms of a 1.6 ms encode on an H200; this
-    kernel with 32 channels per program 0.39 ms (192 programs: too few)."""
-    r, c = rows.shape
-    if r != STATS_ROWS:  # few tokens: no power-of-two row count
-        return column_medians(rows)
-    out = torch.empty(c, dtype=torch.float32, device=rows.device)
-    _column_median_kernel[(-(-c // MEDIAN_CHANNELS),)](rows.contiguous(), out, c, R=r, CB=MEDIAN_CHANNELS)
-    return out
+def _centre_and_spread(x: torch.Tensor, centre: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """gpu_layout.channel_centre (unless given) and channel_spread over sample_rows(x),
+    in one kernel: on an H100 the two median kernels and the torch ops between them
+    (sampling, centring, |.|, the RMS fallback) took 0.2 ms of a 1.3 ms encode."""
+    n, c = x.numel() // x.shape[-1], x.shape[-1]
+    if n < STATS_ROWS:  # few tokens: no power-of-two row count
+        rows = sample_rows(x)
+        centre = channel_centre(rows) if centre is None else centre
+        return centre, channel_spread(rows - centre)
+    spread = torch.empty(c, dtype=torch.float32, device=x.device)
+    out = torch.empty_like(spread) if centre is None else centre
+    _centre_spread_kernel[(-(-c // MEDIAN_CHANNELS),)](x, out, spread, n, c, R=STATS_ROWS, CB=MEDIAN_CHANNELS,
+                                                       HAS_CENTRE=centre is not None, num_warps=MEDIAN_WARPS)
+    return out, spread
 
 
 #: set to a dict to collect host times (perf_counter) of the encoder's phases: "start",
@@ -395,12 +416,9 @@ def launch_encode(x: torch.Tensor, p: Layout, settings, inputs: Inputs, keep: bo
     is made of, and `meta` (sizes and flags, int64) for the one small copy back."""
     device = x.device
     delta = inputs.ref is not None
-    rows = sample_rows(x)
     if delta:
-        center, loud_idx, n_loud = inputs.center, inputs.loud_idx, inputs.n_loud
-    else:
-        center = channel_centre(rows, _column_medians)
-    spread = channel_spread(rows - center, _column_medians)
+        loud_idx, n_loud = inputs.loud_idx, inputs.n_loud
+    center, spread = _centre_and_spread(x, inputs.center)
     centred_sq = torch.empty(p.batch * p.tokens, dtype=torch.float32, device=device)
     plain_sq = torch.empty_like(centred_sq)
     _token_sq_kernel[(p.batch * p.tokens,)](x, center, centred_sq, plain_sq, C=p.channels, CB=1024)

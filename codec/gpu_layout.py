@@ -216,14 +216,14 @@ def column_medians(rows: torch.Tensor) -> torch.Tensor:
     return rows.t().contiguous().sort(dim=-1).values[:, (rows.shape[0] - 1) // 2]
 
 
-def channel_centre(rows: torch.Tensor, medians=column_medians) -> torch.Tensor:
+def channel_centre(rows: torch.Tensor) -> torch.Tensor:
     """Median of each channel, rounded to bf16 so both ends subtract the same value."""
-    return medians(rows).to(torch.bfloat16).float()
+    return column_medians(rows).to(torch.bfloat16).float()
 
 
-def channel_spread(centred_rows: torch.Tensor, medians=column_medians) -> torch.Tensor:
+def channel_spread(centred_rows: torch.Tensor) -> torch.Tensor:
     """Robust spread of each channel (1.4826 x median absolute deviation), (C,)."""
-    mad = 1.4826 * medians(centred_rows.abs())
+    mad = 1.4826 * column_medians(centred_rows.abs())
     # A channel whose values mostly sit on one bf16 value (a massive channel on a large
     # offset) has MAD 0 though it varies: fall back to its RMS deviation.
     return torch.where(mad > 0, mad, centred_rows.pow(2).mean(dim=0).sqrt())

@@ -283,7 +283,33 @@ def test_fused_rans_kernels_give_the_reference_bytes():
         "from gpu_codec_check import kernels_match_reference\n"
         "dev = torch.device('cuda' if torch.cuda.is_available() else 'cpu')\n"
         "assert kernels_match_reference(dev, side=12, channels=24, steps=32)\n"
+        "assert kernels_match_reference(dev, side=12, channels=24, steps=30)  # not a multiple of the prefetch\n"
         "print('same bytes')\n", "same bytes")
+
+
+def test_fused_centre_and_spread_match_the_torch_statistics():
+    """The one-kernel sampling, centre and spread give gpu_layout's values: the medians
+    exactly, the RMS fallback (a channel stuck on one value but for a few) to rounding."""
+    _run_with_triton(
+        "import torch\n"
+        "from comfy_mesh.codec.gpu_kernels import _centre_and_spread\n"
+        "from comfy_mesh.codec.gpu_layout import channel_centre, channel_spread, sample_rows\n"
+        "dev = 'cuda' if torch.cuda.is_available() else 'cpu'\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "x = (torch.randn(2, 700, 24, generator=g) * torch.rand(24, generator=g) + torch.randn(24, generator=g))\n"
+        "x[..., 5] = 3.0\n"
+        "x[0, ::7, 5] = 3.5  # MAD 0, RMS not\n"
+        "x = x.bfloat16().to(dev)\n"
+        "rows = sample_rows(x)\n"
+        "centre = channel_centre(rows)\n"
+        "spread = channel_spread(rows - centre)\n"
+        "c, s = _centre_and_spread(x, None)\n"
+        "assert torch.equal(c, centre), (c, centre)\n"
+        "assert float(spread[5]) > 0 and torch.allclose(s, spread, rtol=1e-6, atol=0), (s, spread)\n"
+        "given = centre + 0.25\n"
+        "c2, s2 = _centre_and_spread(x, given)\n"
+        "assert c2 is given and torch.allclose(s2, channel_spread(rows - given), rtol=1e-6, atol=0)\n"
+        "print('same statistics')\n", "same statistics")
 
 
 def test_fused_backend_and_torch_backend_read_each_other():
