@@ -103,11 +103,14 @@ def kernels_match_reference(dev, side: int = 40, channels: int = 96, steps: int 
     freq = E.normalize_counts(counts)
     geo = E.Geometry.for_count(n, 32, steps, steps)
     ref = E.rans_encode(tok, nr, raw, ctx, freq, geo)
-    buf, cnt, st = T.encode(T.pack_symbols(q, ctx).to(dev), torch.tensor(n, device=dev), freq.to(dev), geo)
+    cnt = torch.empty(geo.groups, dtype=torch.int32, device=dev)
+    st = torch.empty(geo.groups * geo.lanes, dtype=torch.int32, device=dev)
+    buf = T.encode(T.pack_symbols(q, ctx).to(dev), torch.tensor(n, device=dev), T.packed_tables(freq.to(dev)), geo,
+                   cnt, st)
     out = torch.empty(buf.numel(), dtype=torch.int16, device=dev)
     T.gather_words(buf, cnt, out)
     words = out[: int(cnt.sum())].cpu().long() & 0xFFFF
-    same = torch.equal(words, ref.words) and torch.equal(st.cpu().long() & 0xFFFFFFFF, ref.states)
+    same = torch.equal(words, ref.words) and torch.equal(st.view(geo.groups, geo.lanes).cpu().long() & 0xFFFFFFFF, ref.states)
     step_sizes = torch.rand(channels, generator=g) + 0.5
     bad = torch.zeros(1, dtype=torch.int32, device=dev)
     # int64 words and states wrap to int16 / int32 bit patterns, as they travel

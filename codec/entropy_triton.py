@@ -25,8 +25,8 @@ import os
 
 import torch
 
-from .entropy import (ALPHABET, MAX_EXP, PROB_BITS, STATE_LOW, cumulative, detokenize,
-                      slot_table, token_raw_bits, tokenize as reference_tokenize)
+from .entropy import (ALPHABET, MAX_EXP, PROB_BITS, STATE_LOW, cumulative, detokenize, token_raw_bits,
+                      tokenize as reference_tokenize)
 from .gpu_layout import N_BUCKETS
 
 # The kernels spell out the state bound (65536) and the packed tables' width (64, below):
@@ -47,6 +47,7 @@ LANES_PER_WARP = 32
 # bits. Its top part, context * 64 + token, indexes the (N_BUCKETS, 64) tables.
 KEY_SHIFT = 18
 TABLE_WIDTH = 64
+SLOT_BLOCK = 1024  # slots per program of the decoder's tables kernel
 assert TABLE_WIDTH == 64 and ALPHABET <= TABLE_WIDTH and MAX_EXP <= 14 and N_BUCKETS <= 32
 
 # Triton's interpreter (CI, CPU machines) runs no inline PTX: there the lanes' prefix
@@ -61,7 +62,7 @@ def available(device: torch.device) -> bool:
 # Sizes the codec's kernels take as plain ints. Triton would compile a variant for each
 # pattern of them (== 1, divisible by 16): a carry of a new size would then compile again,
 # inside a sampler step, what GpuCodec.warm_up compiled before. One variant serves every size.
-SIZE_ARGS = ("STRIDE", "N_PROGRAMS", "ESC_CAP", "GROUPS", "T", "N_TXT", "H", "W", "HB", "WB", "TEXT_TILES",
+SIZE_ARGS = ("STRIDE", "N_PROGRAMS", "ESC_CAP", "KEPT", "GROUPS", "T", "N_TXT", "H", "W", "HB", "WB", "TEXT_TILES",
              "BLOCK_TILES", "TEXT_ROWS", "FIXED_ROWS", "n_loud", "C", "n", "CAP")
 
 
@@ -241,6 +242,23 @@ if triton is not None:
         bad |= (ptr != start).to(tl.int32)
         tl.atomic_or(bad_ptr + lanes * 0, bad, mask=bad != 0)
 
+    @triton.jit
+    def _decode_tables_kernel(freq_ptr, fc_ptr, slot_ptr, ALPHA: tl.constexpr, PB: tl.constexpr,
+                              BLOCK: tl.constexpr):
+        """For context table program_id(0): BLOCK of its slots -> symbol (entropy.slot_table),
+        and (the first block's program) its packed words (`packed_tables`)."""
+        t = tl.program_id(0)
+        j = tl.arange(0, 64)
+        a = j < ALPHA
+        freq = tl.load(freq_ptr + t * ALPHA + j, mask=a, other=0).to(tl.int32)
+        upto = tl.cumsum(freq, 0)
+        if tl.program_id(1) == 0:
+            tl.store(fc_ptr + t * 64 + j, tl.where(a, (freq << 16) | (upto - freq), 0))
+        slot = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        # the symbol of a slot: how many symbols end at or before it
+        sym = tl.sum(((upto[None, :] <= slot[:, None]) & a[None, :]).to(tl.int32), 1)
+        tl.store(slot_ptr + t * (1 << PB) + slot, tl.where(sym < ALPHA, sym, 0).to(tl.uint8))
+
     @any_size
     def _gather_words_kernel(buf_ptr, count_ptr, start_ptr, out_ptr, CAP, BLOCK: tl.constexpr):
         g = tl.program_id(0)
@@ -297,21 +315,19 @@ def _token_table(device) -> torch.Tensor:
     return (detokenize(t, torch.zeros_like(t)) | (token_raw_bits(t) << 20)).to(torch.int32).to(device)
 
 
-def encode(symbols: torch.Tensor, n: torch.Tensor, freq: torch.Tensor, geo) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                       torch.Tensor]:
+def encode(symbols: torch.Tensor, n: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor], geo,
+           group_words: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
     """rANS-code packed symbols (`pack_symbols`; only the first `n`, a 0-d device tensor;
-    geo sized for the buffer's length). -> (per-group word buffers (G, 2*steps*lanes)
-    int16, words per group (G,) int32, final states (G, lanes) as int32 bit patterns).
-    No host round trip."""
+    geo sized for the buffer's length) with `tables` (`packed_tables`). Writes the words
+    per group into `group_words` ((G,) int32) and the final states into `states` ((G *
+    lanes,) int32 bit patterns), and -> the per-group word buffers (G, 2*steps*lanes)
+    int16. No host round trip."""
     device = symbols.device
     G, S, W = geo.groups, geo.steps, geo.lanes
     out = torch.empty(G, 2 * S * W, dtype=torch.int16, device=device)
-    counts = torch.empty(G, dtype=torch.int32, device=device)
-    states = torch.empty(G, W, dtype=torch.int32, device=device)
-    fc, rcp = packed_tables(freq)
-    _encode_kernel[(G,)](symbols, fc, rcp, out, counts, states, n.to(torch.int32).reshape(1), STEPS=S, LANES=W,
+    _encode_kernel[(G,)](symbols, *tables, out, group_words, states, n.to(torch.int32).reshape(1), STEPS=S, LANES=W,
                          PB=PROB_BITS, BALLOT=_ballot(W), num_warps=max(1, W // LANES_PER_WARP))
-    return out, counts, states
+    return out
 
 
 def gather_words(buf: torch.Tensor, counts: torch.Tensor, out: torch.Tensor) -> None:
@@ -335,11 +351,15 @@ def decode(words: torch.Tensor, total_words: torch.Tensor, group_words: torch.Te
     coef = torch.empty(geo.n + 1, dtype=torch.float32, device=device)
     if words.numel() == 0:
         words = torch.zeros(1, dtype=torch.int16, device=device)
-    fc, _ = packed_tables(freq)
+    tables = freq.shape[0]
+    fc = torch.empty(tables * TABLE_WIDTH, dtype=torch.int32, device=device)
+    slots = torch.empty(tables << PROB_BITS, dtype=torch.uint8, device=device)
+    _decode_tables_kernel[(tables, (1 << PROB_BITS) // SLOT_BLOCK)](freq.contiguous(), fc, slots, ALPHA=ALPHABET,
+                                                                   PB=PROB_BITS, BLOCK=SLOT_BLOCK)
     channels = buckets.shape[1]
     row_bases = (classes * channels).to(torch.int32)  # where each row's tables start in `buckets`
     _decode_kernel[(G,)](words, starts, group_words.to(torch.int32).contiguous(), states.contiguous(), total_words,
-                         row_bases, buckets, fc, slot_table(freq).to(torch.uint8).contiguous(),
+                         row_bases, buckets, fc, slots,
                          device_constant("tokens", device, _token_table),
                          steps_c.contiguous(), coef, bad, geo.n, C=channels, STEPS=S, LANES=W, NB=N_BUCKETS,
                          PB=PROB_BITS, BALLOT=_ballot(W), num_warps=max(1, W // LANES_PER_WARP))

@@ -35,11 +35,10 @@ import torch
 
 from . import entropy_triton
 from .entropy_triton import any_size, device_constant
-from .entropy import ALPHABET, ESCAPE, EXACT_TOKENS, MAX_EXP, Geometry, normalize_counts
-from .gpu_layout import (LOUD_CLASS, aligned, N_BUCKETS, N_CLASSES, ROWS_PER_BLOCK, STATS_ROWS, TEXT_CLASS, Layout,
-                         channel_centre, channel_shifts, channel_spread, channel_steps,
-                         band_of_rows, context_buckets, dct2_matrix, find_loud, round_step, row_classes,
-                         sample_rows)
+from .entropy import ALPHABET, ESCAPE, EXACT_TOKENS, MAX_EXP, PROB_SCALE, Geometry
+from .gpu_layout import (BUCKET_OFFSET, LOUD_CLASS, MAX_SHIFT, N_BUCKETS, N_CLASSES, ROWS_PER_BLOCK, STATS_ROWS,
+                         TEXT_CLASS, Layout, aligned, band_of_rows, channel_centre, channel_spread, channel_steps,
+                         dct2_matrix, find_loud, row_classes, sample_rows)
 
 try:
     import triton
@@ -58,7 +57,13 @@ FINE_RATIO = 2 ** (1 / 32)  # ... and of the second's
 # programs are not a fair sample).
 COARSE_SHARE = 64
 FINE_SHARE = 16
-HIST_SHARE = 16  # a power of two up to 64: rows of each 64-row tile, one in HIST_SHARE
+# The histogram's share (a power of two up to 64: rows of each 64-row tile, one in the
+# share): 1 in 64 where that still samples HIST_SAMPLE symbols, else 1 in 16. On the
+# corpus (H100) 1 in 16 / 32 / 64 gave 6.657 / 6.656 / 6.655x and took torch.histc 0.116 /
+# 0.083 / 0.061 ms on a 56.6 MB carry; on a small one (1088 x 256) 6.80 / 6.68 / 6.63x.
+# HIST_SHARE, when set, overrides the choice (bench/gpu_codec_check.py).
+HIST_SHARE: int | None = None
+HIST_SAMPLE = 1 << 18
 # Channels per tile, and channel blocks per program. Measured on an H200 (bench/NOTES.md):
 # one block of 32 per program runs the fit and quantiser passes 5-25x faster than four of
 # 64 (the loop over blocks keeps more live registers than the SM has).
@@ -67,7 +72,7 @@ CHUNKS = 1
 HIST_BINS = N_BUCKETS * 64  # (context, token) bins; token 63 of each context is unused
 # Escapes the fused encoder collects (more: the torch path). Values >= 2^15 steps are
 # rare; the collected positions are sorted (atomics fill them in any order, and the bytes
-# must not depend on it), and at 65536 that sort took 0.07 ms of a 1.43 ms encode (H100).
+# must not depend on it) in one program, which at 65536 would not fit.
 ESCAPE_CAPACITY = 4096
 # tf32x3: three TF32 tensor-core products, about float32 accuracy (plain TF32 would add
 # a 5e-4 relative error to every coefficient).
@@ -77,6 +82,7 @@ NUM_WARPS = 4  # per tile program
 # 8 and 1 took 0.061 ms for 512 x 6144 rows, 4 and 4 0.187 ms, 16 and 4 0.378 ms).
 MEDIAN_CHANNELS = 8
 MEDIAN_WARPS = 1
+CANDIDATE_CHANNELS = 256  # channels per program of the step fit's glue kernel
 
 
 def available(device: torch.device) -> bool:
@@ -194,11 +200,94 @@ if triton is not None:
         tl.store(err_ptr + pid.to(tl.int64) * K + kk, acc)
 
     @any_size
+    def _candidates_kernel(err_ptr, scale, rel_err, tot_sq_ptr, twelve_over_n, prev_ptr, ratios_ptr, spread_ptr, floor,
+                           cand_ptr, steps_ptr, inv_ptr, shifts_ptr, C, K: tl.constexpr, CB: tl.constexpr,
+                           MODE: tl.constexpr, MAXS: tl.constexpr):
+        """The step fit's glue for CB channels, on the device. MODE 0: the first pass's K
+        candidate steps (ratios around the step that gives `rel_err` on white data; the
+        carry's sum of squares times 12 / its size is that step's square / rel_err^2); 1: the
+        second pass's (ratios around the first pass's best); 2: the chosen step (the second
+        pass's best; row 0 only, with its shifts). Each with its per-channel steps (K, C)
+        and their reciprocals. `err`: the previous pass's squared error per candidate over
+        its sample, `scale` times that over the whole carry; `prev`: its candidates."""
+        ch = tl.program_id(0) * CB + tl.arange(0, CB)
+        cm = ch < C
+        kk = tl.arange(0, K)
+        tot_sq = tl.load(tot_sq_ptr)
+        if MODE == 0:
+            base = tl.sqrt(tot_sq * twelve_over_n).to(tl.float32) * rel_err
+        else:
+            # the largest candidate within the target (they ascend), else the smallest
+            ok = tl.load(err_ptr + kk) * scale <= (rel_err * rel_err) * tot_sq
+            best = tl.maximum(tl.max(tl.where(ok, kk + 1, 0), 0) - 1, 0)
+            base = tl.sum(tl.where(kk == best, tl.load(prev_ptr + kk), 0.0), 0)
+        if MODE == 2:
+            cand = tl.zeros((K,), tl.float32) + base
+        else:  # bf16 values (gpu_layout.round_step)
+            cand = (base * tl.load(ratios_ptr + kk)).to(tl.bfloat16).to(tl.float32)
+        # gpu_layout.channel_shifts, exactly: the smallest k >= 0 with
+        # cand / 2^k <= floor * spread, from the exponent and mantissa bits of their ratio
+        sp = tl.load(spread_ptr + ch, mask=cm, other=0.0)
+        ratio = tl.maximum(cand[:, None] / (floor * tl.maximum(sp, 1e-30))[None, :], 1.0)
+        bits = ratio.to(tl.int32, bitcast=True)
+        k = ((bits >> 23) & 255) - 127 + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+        k = tl.where((sp[None, :] > 0) & (floor > 0), tl.minimum(tl.maximum(k, 0), MAXS), 0)
+        steps = cand[:, None] * ((127 - k) << 23).to(tl.float32, bitcast=True)  # exact: / 2^k
+        inv = tl.math.div_rn(tl.full((K, CB), 1.0, tl.float32), steps)
+        rows = K if MODE < 2 else 1
+        at = kk[:, None] * C + ch[None, :]
+        m = (kk < rows)[:, None] & cm[None, :]
+        tl.store(steps_ptr + at, steps, mask=m)
+        tl.store(inv_ptr + at, inv, mask=m)
+        if MODE == 2:
+            tl.store(shifts_ptr + at, k.to(tl.uint8), mask=m)
+        if tl.program_id(0) == 0:
+            tl.store(cand_ptr + kk, cand, mask=kk < rows)
+
+    @any_size
+    def _buckets_kernel(sq_ptr, count_ptr, steps_ptr, bucket_ptr, used_ptr, C, NCLS: tl.constexpr,
+                        CLS_BLOCK: tl.constexpr, CB: tl.constexpr, OFFSET: tl.constexpr, NB: tl.constexpr):
+        """gpu_layout.context_buckets for CB channels of every class, and which context
+        tables some cell uses (used[b] = 1)."""
+        ch = tl.program_id(0) * CB + tl.arange(0, CB)
+        cls = tl.arange(0, CLS_BLOCK)
+        m = (cls < NCLS)[:, None] & (ch < C)[None, :]
+        at = cls[:, None] * C + ch[None, :]
+        rms = tl.sqrt(tl.load(sq_ptr + at, mask=m, other=0.0) / tl.maximum(tl.load(count_ptr + at, mask=m, other=0.0), 1.0))
+        step = tl.load(steps_ptr + ch, mask=ch < C, other=1.0)
+        b = tl.floor(2 * tl.log2(rms / step[None, :] + 1e-30) + 0.5) + OFFSET
+        b = tl.minimum(tl.maximum(b, 0.0), NB - 1).to(tl.int32)
+        tl.store(bucket_ptr + at, b.to(tl.uint8), mask=m)
+        tl.store(used_ptr + b, tl.full((CLS_BLOCK, CB), 1, tl.int32), mask=m)
+
+    @triton.jit
+    def _tables_kernel(hist_ptr, used_ptr, share, freq_ptr, fc_ptr, rcp_ptr, ALPHA: tl.constexpr, SCALE: tl.constexpr):
+        """One context table from the sampled histogram, as entropy.normalize_counts and
+        entropy_triton.packed_tables make it: the frequencies (int16, for the message) and
+        the encoder's packed words and reciprocals. A table some cell uses gives every
+        symbol a frequency (one the sample missed must stay codable)."""
+        t = tl.program_id(0)
+        j = tl.arange(0, 64)
+        a = j < ALPHA
+        counts = tl.load(hist_ptr + t * 64 + j, mask=a, other=0.0).to(tl.int64)
+        counts = tl.where(a & (tl.load(used_ptr + t) != 0), counts * share + 1, 0)
+        total = tl.sum(counts, 0)
+        freq = counts * SCALE // tl.maximum(total, 1)
+        freq = tl.where((counts > 0) & (freq == 0), 1, freq)
+        deficit = tl.where(total > 0, SCALE - tl.sum(freq, 0), 0)
+        freq += tl.where(j == tl.argmax(freq, 0, tie_break_left=True), deficit, 0)
+        tl.store(freq_ptr + t * ALPHA + j, freq.to(tl.int16), mask=a)
+        cum = tl.cumsum(freq, 0) - freq
+        tl.store(fc_ptr + t * 64 + j, tl.where(a, (freq << 16) | cum, 0).to(tl.int32))
+        rcp = 1.0 / tl.maximum(freq, 1).to(tl.float64)
+        tl.store(rcp_ptr + t * 64 + j, tl.where(a & (freq > 0), rcp, float("inf")))
+
+    @any_size
     def _quantise_kernel(x_ptr, center_ptr, loud_mask_ptr, loud_idx_ptr, n_loud_ptr, d2_ptr, ref_ptr, new_ref_ptr, steps_ptr,
                          inv_ptr, bucket_ptr, sym_ptr, key_ptr, esc_count_ptr, esc_pos_ptr, esc_val_ptr,
-                         ESC_CAP, GROUPS, T, N_TXT, H, W, HB, WB, TEXT_TILES, BLOCK_TILES, TEXT_ROWS, FIXED_ROWS,
+                         ESC_CAP, KEPT, GROUPS, T, N_TXT, H, W, HB, WB, TEXT_TILES, BLOCK_TILES, TEXT_ROWS, FIXED_ROWS,
                          C: tl.constexpr, CB: tl.constexpr, CHUNKS: tl.constexpr, HAS_REF: tl.constexpr,
-                         WRITE_REF: tl.constexpr, KEPT: tl.constexpr, TEXT: tl.constexpr, LOUD: tl.constexpr,
+                         WRITE_REF: tl.constexpr, TEXT: tl.constexpr, LOUD: tl.constexpr,
                          EXACT: tl.constexpr, MAXE: tl.constexpr, ESC: tl.constexpr, PREC: tl.constexpr):
         p = tl.program_id(0)
         tile = p // GROUPS
@@ -242,6 +331,22 @@ if triton is not None:
             at_key = ((p * CHUNKS + j) * KEPT + r // (64 // KEPT))[:, None] * CB + tl.arange(0, CB)[None, :]
             tl.store(key_ptr + at_key, tl.where(m, b * 64 + tok, -1).to(tl.float32),
                      mask=(r % (64 // KEPT) == v)[:, None])
+
+    @triton.jit
+    def _sort_escapes_kernel(count_ptr, pos_ptr, val_ptr, pos_out_ptr, val_out_ptr, CAP: tl.constexpr):
+        """The escapes the quantiser collected (its atomics fill the first `count` slots in
+        any order) by position, values alongside, in one program that does nothing when
+        there are none (the usual case: torch's sort of the whole buffer took 0.033 ms)."""
+        n = tl.minimum(tl.load(count_ptr), CAP)
+        if n > 0:
+            i = tl.arange(0, CAP)
+            filled = i < n
+            # position and slot in one key: positions are below 2^40, slots below CAP
+            key = tl.where(filled, tl.load(pos_ptr + i, mask=filled, other=0), 1 << 50) * CAP + i
+            key = tl.sort(key)
+            slot = (key % CAP).to(tl.int32)
+            tl.store(pos_out_ptr + i, key // CAP, mask=filled)
+            tl.store(val_out_ptr + i, tl.load(val_ptr + slot, mask=filled, other=0.0), mask=filled)
 
     @any_size
     def _inverse_kernel(coef_ptr, ref_ptr, new_ref_ptr, center_ptr, loud_mask_ptr, loud_idx_ptr, n_loud, d2_ptr,
@@ -373,25 +478,51 @@ def _sample_stride(programs: int, share: int) -> int:
     return stride
 
 
-def _fit(grid: _Grid, common: dict, x, ref, spread, floor, target_sq, stride: int, candidates,
-         cells: tuple | None):
-    """One fit pass: the largest candidate step whose squared error (measured on the
-    sampled programs, scaled up) is within the target; with `cells`, each (class,
-    channel)'s sum of squares and row count over the sample are added to them."""
-    shifts = channel_shifts(candidates, spread, floor)
-    steps = channel_steps(candidates, shifts).contiguous()
-    inv = (1.0 / steps).contiguous()
-    n_prog = -(-grid.programs // stride)
-    part = torch.empty(n_prog, CANDIDATES, dtype=torch.float32, device=x.device)
-    sq, count = cells if cells is not None else (part, part)
-    _fit_kernel[(n_prog,)](x, *common["pointers"], ref if ref is not None else x, steps, inv, part, sq, count,
-                           stride, grid.programs, K=CANDIDATES, HAS_REF=ref is not None, SQ=cells is not None,
-                           NCLS=N_CLASSES, **grid.args())
-    err = part.sum(0, dtype=torch.float64) * (grid.programs / n_prog)
-    ok = err <= target_sq
-    # largest candidate within the target (candidates ascend), else the smallest
-    best = ((ok.to(torch.int64) * torch.arange(1, CANDIDATES + 1, device=x.device)).max() - 1).clamp(min=0).reshape(1)
-    return best, shifts, steps, inv
+class _StepFit:
+    """The step fit's two passes on the device: candidates, their error over a sample of
+    the (tile, channel group) programs, the best, the next candidates (_candidates_kernel
+    in place of the ~50 small torch ops it took)."""
+
+    def __init__(self, grid: _Grid, spread: torch.Tensor, tot_sq: torch.Tensor, settings, numel: int):
+        self.grid, self.spread, self.tot_sq = grid, spread, tot_sq
+        self.rel_err, self.floor = settings.rel_err, settings.channel_rel_err * math.sqrt(12.0)
+        self.twelve_over_n = 12.0 / max(numel, 1)
+        self.ratios = device_constant("fit_ratios", spread.device, _fit_ratios)
+
+    def candidates(self, mode: int, previous: tuple | None, shifts_out: torch.Tensor | None = None) -> tuple:
+        """-> (candidate steps (K,), per-channel steps (K, C), reciprocals (K, C)); mode 2:
+        row 0 only, the chosen step, and its shifts go to `shifts_out` (uint8, (C,))."""
+        c, device = self.spread.numel(), self.spread.device
+        rows = CANDIDATES if mode < 2 else 1
+        cand = torch.empty(rows, dtype=torch.float32, device=device)
+        steps = torch.empty(rows, c, dtype=torch.float32, device=device)
+        inv = torch.empty_like(steps)
+        err, scale, prev = previous if previous is not None else (self.tot_sq, 1.0, cand)
+        _candidates_kernel[(-(-c // CANDIDATE_CHANNELS),)](
+            err, scale, self.rel_err, self.tot_sq, self.twelve_over_n, prev, self.ratios[min(mode, 1)], self.spread,
+            self.floor, cand, steps, inv, shifts_out if shifts_out is not None else cand, c, K=CANDIDATES,
+            CB=CANDIDATE_CHANNELS, MODE=mode, MAXS=MAX_SHIFT)
+        return cand, steps, inv
+
+    def errors(self, common: dict, x, ref, candidates: tuple, share: int, cells: tuple | None) -> tuple:
+        """Each candidate's squared error over the sampled programs -> (sums (K,) float64,
+        the factor to the whole carry, the candidates); with `cells`, each (class,
+        channel)'s sum of squares and row count over the sample are added to them."""
+        grid = self.grid
+        stride = _sample_stride(grid.programs, share)
+        n_prog = -(-grid.programs // stride)
+        part = torch.empty(n_prog, CANDIDATES, dtype=torch.float32, device=x.device)
+        sq, count = cells if cells is not None else (part, part)
+        _fit_kernel[(n_prog,)](x, *common["pointers"], ref if ref is not None else x, candidates[1], candidates[2],
+                               part, sq, count, stride, grid.programs, K=CANDIDATES, HAS_REF=ref is not None,
+                               SQ=cells is not None, NCLS=N_CLASSES, **grid.args())
+        return part.sum(0, dtype=torch.float64), grid.programs / n_prog, candidates[0]
+
+
+def _fit_ratios(device) -> torch.Tensor:
+    """(2, K) the two passes' candidate spacings around their base step."""
+    k = torch.arange(CANDIDATES, dtype=torch.float32) - 4
+    return torch.stack([COARSE_RATIO ** k, FINE_RATIO ** k]).to(device)
 
 
 class Inputs:
@@ -433,65 +564,61 @@ def launch_encode(x: torch.Tensor, p: Layout, settings, inputs: Inputs, keep: bo
     common = {"pointers": (center, loud_mask, loud_idx, n_loud.to(torch.int32).reshape(1), grid.d2)}
     tot_sq = plain_sq.sum(dtype=torch.float64)
     numel = p.batch * p.tokens * p.channels
-    target_sq = (settings.rel_err ** 2) * tot_sq
-    floor = settings.channel_rel_err * math.sqrt(12.0)
     ref = inputs.ref
 
-    # 2. step fit: coarse on a sample, fine on everything
-    step0 = settings.rel_err * torch.sqrt(tot_sq * 12.0 / max(numel, 1)).float()
-    k = torch.arange(CANDIDATES, device=device, dtype=torch.float32)
-    coarse = round_step(step0 * COARSE_RATIO ** (k - 4))
-    best, *_ = _fit(grid, common, x, ref, spread, floor, target_sq, _sample_stride(grid.programs, COARSE_SHARE),
-                    coarse, None)
-    # index_select, not [best]: a 0-d index tensor is read on the host (a sync)
-    fine = round_step(coarse.index_select(0, best) * FINE_RATIO ** (k - 4))
+    # 2. step fit: coarse on a sample, fine on a larger one
+    fit = _StepFit(grid, spread, tot_sq, settings, numel)
+    coarse = fit.errors(common, x, ref, fit.candidates(0, None), COARSE_SHARE, None)
     cells = torch.zeros(2, N_CLASSES, p.channels, dtype=torch.float32, device=device)
-    best, shifts, steps, inv = _fit(grid, common, x, ref, spread, floor, target_sq,
-                                    _sample_stride(grid.programs, FINE_SHARE), fine, (cells[0], cells[1]))
-    step, shifts, steps_c, inv_c = (t.index_select(0, best).squeeze(0).contiguous() for t in (fine, shifts, steps, inv))
+    fine = fit.errors(common, x, ref, fit.candidates(1, coarse), FINE_SHARE, (cells[0], cells[1]))
+    layout = _Payload(p, _geometry(p, settings, delta))
+    payload = torch.empty(layout.capacity, dtype=torch.uint8, device=device)
+    step, steps_c, inv_c = fit.candidates(2, fine, shifts_out=layout.view(payload, "shifts"))
+    steps_c, inv_c = steps_c[0], inv_c[0]
 
     # 3. contexts and quantisation
-    buckets = context_buckets(cells[0], cells[1], steps_c).contiguous()
+    buckets = layout.view(payload, "buckets")
+    used = torch.zeros(N_BUCKETS, dtype=torch.int32, device=device)
+    _buckets_kernel[(-(-p.channels // CANDIDATE_CHANNELS),)](cells[0], cells[1], steps_c, buckets, used, p.channels,
+                                                            NCLS=N_CLASSES, CLS_BLOCK=triton.next_power_of_2(N_CLASSES),
+                                                            CB=CANDIDATE_CHANNELS,
+                                                            OFFSET=BUCKET_OFFSET, NB=N_BUCKETS)
     max_rows = p.fixed_rows + p.loud_capacity
     symbols = torch.empty(max_rows * p.channels, dtype=torch.int32, device=device)
     esc_count = torch.zeros(1, dtype=torch.int32, device=device)
-    esc_pos = torch.full((ESCAPE_CAPACITY,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=device)
+    esc_pos = torch.empty(ESCAPE_CAPACITY, dtype=torch.int64, device=device)
     esc_val = torch.empty(ESCAPE_CAPACITY, dtype=torch.float32, device=device)
     # the new reference goes to a new buffer: the old one stays whole if this path gives up
     new_ref = torch.empty(max_rows * p.channels, dtype=torch.float32, device=device) if keep else None
-    kept = 64 // HIST_SHARE  # rows of each tile in the histogram sample
+    share = HIST_SHARE or (64 if max_rows * p.channels >= 64 * HIST_SAMPLE else 16)
+    kept = 64 // share  # rows of each tile in the histogram sample
     keys = torch.empty(grid.programs * CHUNKS * kept * CHANNEL_BLOCK, dtype=torch.float32, device=device)
     _quantise_kernel[(grid.programs,)](x, *common["pointers"], ref if ref is not None else x,
                                        new_ref if new_ref is not None else x, steps_c, inv_c, buckets,
-                                       symbols, keys, esc_count, esc_pos, esc_val, ESCAPE_CAPACITY,
-                                       HAS_REF=delta, WRITE_REF=keep, KEPT=kept, EXACT=EXACT_TOKENS,
+                                       symbols, keys, esc_count, esc_pos, esc_val, ESCAPE_CAPACITY, kept,
+                                       HAS_REF=delta, WRITE_REF=keep, EXACT=EXACT_TOKENS,
                                        MAXE=MAX_EXP, ESC=ESCAPE, **grid.args())
     hist = torch.histc(keys, bins=HIST_BINS, min=0, max=HIST_BINS)  # keys < 0 (no symbol) fall outside
-    counts = hist.view(N_BUCKETS, 64)[:, :ALPHABET].to(torch.int64)
-    if HIST_SHARE > 1:
-        # Sampled counts: every symbol of every table in use keeps a frequency (a symbol the
-        # sample missed must still be codable). Tables in use: those some cell points to
-        # (a scatter, not bincount: bincount reads its range on the host).
-        used = torch.zeros(N_BUCKETS, dtype=torch.bool, device=device).scatter_(0, buckets.reshape(-1).long(), True)
-        counts = torch.where(used[:, None], counts * HIST_SHARE + 1, 0)
-    freq = normalize_counts(counts)
+    tables = (torch.empty(HIST_BINS, dtype=torch.int32, device=device),
+              torch.empty(HIST_BINS, dtype=torch.float64, device=device))
+    _tables_kernel[(N_BUCKETS,)](hist, used, share, layout.view(payload, "freq"), *tables, ALPHA=ALPHABET,
+                                 SCALE=PROB_SCALE, num_warps=1)
 
     # 4. rANS, sized for the most loud rows
     n_dev = (p.fixed_rows + n_loud) * p.channels
-    buf, counts, states = entropy_triton.encode(symbols, n_dev, freq, _geometry(p, settings, delta))
-    # 5. the message, packed on the device: fixed-size parts, then the words back to back
-    layout = _Payload(p, _geometry(p, settings, delta))
-    payload = torch.empty(layout.capacity, dtype=torch.uint8, device=device)
-    for name, value in (("center", center.to(torch.bfloat16)), ("shifts", shifts.to(torch.uint8)),
-                        ("buckets", buckets), ("freq", freq.to(torch.int16)), ("group_words", counts),
-                        ("states", states)):
-        layout.view(payload, name).copy_(value.reshape(-1))
+    counts = layout.view(payload, "group_words")
+    buf = entropy_triton.encode(symbols, n_dev, tables, _geometry(p, settings, delta), counts,
+                                layout.view(payload, "states"))
+    # 5. the message, packed on the device: the parts above were written in place; the
+    # centre (key messages), then the words back to back
+    layout.view(payload, "center").copy_(center)
     entropy_triton.gather_words(buf, counts, layout.view(payload, "words"))
-    esc_pos, order = esc_pos.sort()
+    sorted_pos, sorted_val = torch.empty_like(esc_pos), torch.empty_like(esc_val)
+    _sort_escapes_kernel[(1,)](esc_count, esc_pos, esc_val, sorted_pos, sorted_val, CAP=ESCAPE_CAPACITY, num_warps=8)
     meta = torch.cat([counts.sum(dtype=torch.int64).reshape(1), esc_count.to(torch.int64), n_loud.reshape(1).long(),
                       step.reshape(1).view(torch.int32).long(), tot_sq.reshape(1).view(torch.int64), loud_idx])
-    return {"meta": meta, "payload": payload, "layout": layout, "center": center, "esc_pos": esc_pos,
-            "esc_val": esc_val[order], "new_ref": new_ref, "loud_idx": loud_idx}
+    return {"meta": meta, "payload": payload, "layout": layout, "center": center, "esc_pos": sorted_pos,
+            "esc_val": sorted_val, "new_ref": new_ref, "loud_idx": loud_idx}
 
 
 class _Payload:
