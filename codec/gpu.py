@@ -140,36 +140,21 @@ def _assemble(parts: dict, tables: list, delta: bool) -> tuple[list, list]:
     return names, buffers
 
 
-# Bytes a decode copies into pinned memory before it uploads them (the copy of the next
-# piece overlaps the upload of this one; in one piece, 8.5 MB took 0.69 + 0.25 ms, H100).
-UPLOAD_PIECE = 1 << 20
-
-
 def _upload(chunks: list, device: torch.device) -> tuple[torch.Tensor, list[int]]:
     """Buffers (received bytes or small arrays) into one tensor on `device`, each at an
     ALIGN-ed offset so typed views need no copies: one host copy (into pinned memory for
-    a GPU) and its upload. Received buffers are read-only, so the host copy is owed
-    anyway; on a GPU it goes in UPLOAD_PIECE pieces, each uploaded while the next is copied."""
+    a GPU), one upload. Received buffers are read-only, so the host copy is owed anyway."""
     sizes = [memoryview(c).nbytes for c in chunks]
     offsets = np.cumsum([0] + [aligned(n) for n in sizes]).tolist()
-    on_gpu = device.type == "cuda"
-    host = torch.empty(max(offsets[-1], ALIGN), dtype=torch.uint8, pin_memory=on_gpu)
-    blob = torch.empty_like(host, device=device) if on_gpu else host
-    sent = 0  # bytes of `host` queued for upload
+    host = torch.empty(max(offsets[-1], ALIGN), dtype=torch.uint8, pin_memory=device.type == "cuda")
     for chunk, at, end, n in zip(chunks, offsets, offsets[1:], sizes):
         if n:
             with warnings.catch_warnings():  # read-only bytes: torch warns, and only reads them
                 warnings.simplefilter("ignore", UserWarning)
                 source = torch.frombuffer(chunk, dtype=torch.uint8)
-            for piece in range(0, n, UPLOAD_PIECE):  # torch copies in parallel; numpy took ~0.9 ms for 8 MB
-                stop = min(n, piece + UPLOAD_PIECE)
-                host[at + piece:at + stop].copy_(source[piece:stop])
-                if on_gpu and at + stop - sent >= UPLOAD_PIECE:
-                    blob[sent:at + stop].copy_(host[sent:at + stop], non_blocking=True)
-                    sent = at + stop
+            host[at:at + n].copy_(source)  # torch copies in parallel; numpy took ~0.9 ms for 8 MB
         host[at + n:end] = 0  # only the padding: zeroing 8 MB of pinned memory took 1.3 ms
-    if on_gpu and sent < host.numel():
-        blob[sent:].copy_(host[sent:], non_blocking=True)
+    blob = host.to(device, non_blocking=True) if device.type == "cuda" else host
     return blob, offsets
 
 
