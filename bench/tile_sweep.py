@@ -1,8 +1,9 @@
 """On a CUDA machine: the gpu codec's tile kernels (step fit, quantiser, inverse) for each
-(channels per tile program, warps), with the ratio, as JSON: to pick CHANNEL_BLOCK and
-NUM_WARPS in codec/gpu_kernels.py.
+(channels per tile program, warps[, persistent programs per multiprocessor]), with the
+ratio, as JSON: to pick CHANNEL_BLOCK, NUM_WARPS and PROGRAMS_PER_SM in
+codec/gpu_kernels.py.
 
-    . bench/device_setup.sh && python bench/tile_sweep.py --channels 6144
+    . bench/device_setup.sh && python bench/tile_sweep.py --channels 6144 --configs 32x4x0 32x4x8
 """
 
 from __future__ import annotations
@@ -31,7 +32,10 @@ def main() -> int:
     a, b = (t.to(dev, torch.bfloat16) for t in synthetic_steps(spec, rho=0.9, steps=2))
     report = {"gpu": torch.cuda.get_device_name()}
     for config in args.configs:
-        K.CHANNEL_BLOCK, K.NUM_WARPS = (int(v) for v in config.split("x"))
+        values = [int(v) for v in config.split("x")]
+        K.CHANNEL_BLOCK, K.NUM_WARPS = values[:2]
+        if len(values) > 2:
+            K.PROGRAMS_PER_SM = values[2]
         codec = get("gpu", rel_err=0.05, graphs=False)
         msg = codec.encode(x, layout=spec.layout)
         row = {"ratio": round(x.numel() * 2 / msg.nbytes, 4)}
