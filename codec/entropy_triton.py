@@ -13,10 +13,11 @@ them, so the serial rANS loop does no tokenising and no context lookup); the dec
 finds each symbol's context table itself (codec/gpu_layout.py says how) and writes
 dequantised float32 coefficients. No int64 symbol arrays cross memory.
 
-Instructions per symbol are what these kernels spend (one warp runs 256 steps in
-series; there is little else to overlap): on a GPU the lanes' prefix counts come from
-one warp vote and a population count, not a shuffle scan (`_rank`), and each symbol's
-frequency and cumulative frequency come in one load (`packed_tables`).
+One warp runs 256 or more steps in series, so what a step waits for and how many
+instructions it issues set the time: the encoder loads the next four steps' symbols while
+it codes four; on a GPU the lanes' prefix counts come from one warp vote and a population
+count, not a shuffle scan (`_rank`); each symbol's frequency and cumulative frequency come
+in one load (`packed_tables`; the gpu codec's kernels build the same tables on the device).
 """
 
 from __future__ import annotations
@@ -64,8 +65,8 @@ def available(device: torch.device) -> bool:
 # Sizes the codec's kernels take as plain ints. Triton would compile a variant for each
 # pattern of them (== 1, divisible by 16): a carry of a new size would then compile again,
 # inside a sampler step, what GpuCodec.warm_up compiled before. One variant serves every size.
-SIZE_ARGS = ("STRIDE", "N_PROGRAMS", "ESC_CAP", "KEPT", "GROUPS", "T", "N_TXT", "H", "W", "HB", "WB", "TEXT_TILES",
-             "BLOCK_TILES", "TEXT_ROWS", "FIXED_ROWS", "n_loud", "C", "n", "CAP")
+SIZE_ARGS = ("STRIDE", "N_PROGRAMS", "ESC_CAP", "KEPT", "share", "GROUPS", "T", "N_TXT", "H", "W", "HB", "WB",
+             "TEXT_TILES", "BLOCK_TILES", "TEXT_ROWS", "FIXED_ROWS", "n_loud", "C", "n", "CAP")
 
 
 def any_size(fn):

@@ -12,18 +12,22 @@ format in torch ops, and the documentation of each stage):
    float32 coefficients) and quantises with every candidate; the largest step within
    the error target wins, picked on the device;
 3. quantise: the symbols (each value's token, raw bits and context table, packed in one
-   int32 for the rANS encoder), the escapes, the (context, token) keys of 1 row in 16 for
-   the rANS tables, the actual error, and the temporal reference when there is one;
-4. rANS (codec/entropy_triton.py), and the message packed on the device (fixed-size
-   parts, then the words back to back); one small copy of the sizes comes back, then
-   the used prefix of the message.
+   int32 for the rANS encoder), the escapes, the (context, token) keys of 1 row in 16 or
+   64 (HIST_SHARE) for the rANS tables, and the temporal reference when there is one;
+4. rANS (codec/entropy_triton.py), and the message packed on the device (the kernels
+   write the fixed-size parts in place, then the words go back to back); one small copy
+   of the sizes comes back, then the used prefix of the message.
+
+Between the big kernels, small ones do the glue (the fit's candidates and choice, the
+context tables, the escapes' order): each torch op costs a launch and ~2 us of GPU time,
+and an encode had ~150 of them.
 
 Decode: rANS straight to dequantised coefficients, the escapes put back, then one pass
 that adds the temporal reference, runs the inverse DCT, adds the centre and writes the
 output dtype. Checks of the message's contents collect in one device flag, read once.
 
 codec/gpu_graphs.py runs both as CUDA graphs, one per shape: launched one by one, an
-encode's ~70 kernels cost more host time than the GPU spends on them.
+encode's ~70 launches cost more host time than the GPU spends on them.
 """
 
 from __future__ import annotations
@@ -50,9 +54,9 @@ except ImportError:  # pragma: no cover - depends on the machine
 CANDIDATES = 16  # steps tried per fit pass
 COARSE_RATIO = 2 ** 0.5  # spacing of the first pass's candidates
 FINE_RATIO = 2 ** (1 / 32)  # ... and of the second's
-# Share of the (tile, channel group) programs the two fit passes look at (the quantiser
-# then measures the actual error of the whole tensor), and of the rows of every tile the
-# symbol histogram (the rANS tables) looks at. On the corpus (H200): tables from every
+# Share of the (tile, channel group) programs the two fit passes look at (the error bound
+# the header states comes from the chosen step, not from the sample), and of the rows of
+# every tile the symbol histogram (the rANS tables) looks at. On the corpus (H200): tables from every
 # symbol 6.667x, from 1 row in 8 or 16 6.662x, from 1 program in 13 6.355x (whole
 # programs are not a fair sample).
 COARSE_SHARE = 64
@@ -269,7 +273,7 @@ if triton is not None:
         tl.store(bucket_ptr + at, b.to(tl.uint8), mask=m)
         tl.store(used_ptr + b, tl.full((CLS_BLOCK, CB), 1, tl.int32), mask=m)
 
-    @triton.jit
+    @any_size
     def _tables_kernel(hist_ptr, used_ptr, share, freq_ptr, fc_ptr, rcp_ptr, ALPHA: tl.constexpr, SCALE: tl.constexpr):
         """One context table from the sampled histogram, as entropy.normalize_counts and
         entropy_triton.packed_tables make it: the frequencies (int16, for the message) and
