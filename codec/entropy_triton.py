@@ -14,8 +14,8 @@ finds each symbol's context table itself (codec/gpu_layout.py says how) and writ
 dequantised float32 coefficients. No int64 symbol arrays cross memory.
 
 One warp runs 256 or more steps in series, so what a step waits for and how many
-instructions it issues set the time: the encoder loads the next four steps' symbols while
-it codes four; on a GPU the lanes' prefix counts come from one warp vote and a population
+instructions it issues set the time: the encoder loads the next eight steps' symbols while
+it codes eight; on a GPU the lanes' prefix counts come from one warp vote and a population
 count, not a shuffle scan (`_rank`); each symbol's frequency and cumulative frequency come
 in one load (`packed_tables`; the gpu codec's kernels build the same tables on the device).
 """
@@ -165,9 +165,11 @@ if triton is not None:
     @triton.jit
     def _encode_kernel(sym_ptr, fc_ptr, rcp_ptr, out_ptr, count_ptr, state_ptr, n_ptr, STEPS: tl.constexpr,
                        LANES: tl.constexpr, PB: tl.constexpr, BALLOT: tl.constexpr):
-        """Steps run last to first, four at a time: the next four steps' symbols load
-        while these four are coded (loaded step by step, each step waited for a memory
-        round trip: on an H100 that, not the instruction count, set the time)."""
+        """Steps run last to first, eight at a time: the next eight steps' symbols load
+        while these eight are coded (loaded step by step, each step waited for a memory
+        round trip: on an H100 that, not the instruction count, set the time; eight ahead
+        against four: 0.125 against 0.137 ms for a delta message, 0.104 against 0.106 for a
+        key message)."""
         g = tl.program_id(0)
         lanes = tl.arange(0, LANES)
         n = tl.load(n_ptr)
@@ -180,17 +182,29 @@ if triton is not None:
         s1 = _symbol(sym_ptr, offs - LANES, lo, n)
         s2 = _symbol(sym_ptr, offs - 2 * LANES, lo, n)
         s3 = _symbol(sym_ptr, offs - 3 * LANES, lo, n)
-        for _ in range(0, STEPS, 4):
-            t0 = _symbol(sym_ptr, offs - 4 * LANES, lo, n)
-            t1 = _symbol(sym_ptr, offs - 5 * LANES, lo, n)
-            t2 = _symbol(sym_ptr, offs - 6 * LANES, lo, n)
-            t3 = _symbol(sym_ptr, offs - 7 * LANES, lo, n)
+        s4 = _symbol(sym_ptr, offs - 4 * LANES, lo, n)
+        s5 = _symbol(sym_ptr, offs - 5 * LANES, lo, n)
+        s6 = _symbol(sym_ptr, offs - 6 * LANES, lo, n)
+        s7 = _symbol(sym_ptr, offs - 7 * LANES, lo, n)
+        for _ in range(0, STEPS, 8):
+            t0 = _symbol(sym_ptr, offs - 8 * LANES, lo, n)
+            t1 = _symbol(sym_ptr, offs - 9 * LANES, lo, n)
+            t2 = _symbol(sym_ptr, offs - 10 * LANES, lo, n)
+            t3 = _symbol(sym_ptr, offs - 11 * LANES, lo, n)
+            t4 = _symbol(sym_ptr, offs - 12 * LANES, lo, n)
+            t5 = _symbol(sym_ptr, offs - 13 * LANES, lo, n)
+            t6 = _symbol(sym_ptr, offs - 14 * LANES, lo, n)
+            t7 = _symbol(sym_ptr, offs - 15 * LANES, lo, n)
             x, ptr = _encode_step(x, ptr, s0, offs, lo, n, fc_ptr, rcp_ptr, out, PB, BALLOT)
             x, ptr = _encode_step(x, ptr, s1, offs - LANES, lo, n, fc_ptr, rcp_ptr, out, PB, BALLOT)
             x, ptr = _encode_step(x, ptr, s2, offs - 2 * LANES, lo, n, fc_ptr, rcp_ptr, out, PB, BALLOT)
             x, ptr = _encode_step(x, ptr, s3, offs - 3 * LANES, lo, n, fc_ptr, rcp_ptr, out, PB, BALLOT)
-            s0, s1, s2, s3 = t0, t1, t2, t3
-            offs -= 4 * LANES
+            x, ptr = _encode_step(x, ptr, s4, offs - 4 * LANES, lo, n, fc_ptr, rcp_ptr, out, PB, BALLOT)
+            x, ptr = _encode_step(x, ptr, s5, offs - 5 * LANES, lo, n, fc_ptr, rcp_ptr, out, PB, BALLOT)
+            x, ptr = _encode_step(x, ptr, s6, offs - 6 * LANES, lo, n, fc_ptr, rcp_ptr, out, PB, BALLOT)
+            x, ptr = _encode_step(x, ptr, s7, offs - 7 * LANES, lo, n, fc_ptr, rcp_ptr, out, PB, BALLOT)
+            s0, s1, s2, s3, s4, s5, s6, s7 = t0, t1, t2, t3, t4, t5, t6, t7
+            offs -= 8 * LANES
         tl.store(count_ptr + g + lanes * 0, ptr, mask=lanes == 0)
         tl.store(state_ptr + g.to(tl.int64) * LANES + lanes, x.to(tl.int32, bitcast=True))
 
