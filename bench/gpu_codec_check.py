@@ -110,7 +110,8 @@ def kernels_match_reference(dev, side: int = 40, channels: int = 96, steps: int 
     out = torch.empty(buf.numel(), dtype=torch.int16, device=dev)
     T.gather_words(buf, cnt, out)
     words = out[: int(cnt.sum())].cpu().long() & 0xFFFF
-    same = torch.equal(words, ref.words) and torch.equal(st.view(geo.groups, geo.lanes).cpu().long() & 0xFFFFFFFF, ref.states)
+    states = st.view(geo.groups, geo.lanes).cpu().long() & 0xFFFFFFFF
+    same = torch.equal(words, ref.words) and torch.equal(states, ref.states)
     step_sizes = torch.rand(channels, generator=g) + 0.5
     bad = torch.zeros(1, dtype=torch.int32, device=dev)
     # int64 words and states wrap to int16 / int32 bit patterns, as they travel

@@ -341,6 +341,8 @@ def test_fused_backend_and_torch_backend_read_each_other():
         "c[0, 60, 3], c[0, 2, 3] = -3e4, 2.5e4  # more escapes: the kernel that sorts them\n"
         "m = fused.encode(c, layout=spec.layout)\n"
         "assert m.header['n_esc'] >= 2, m.header['n_esc']\n"
+        "pos = torch.frombuffer(bytearray(m.buffers[list(m.header['parts']).index('esc_pos')]), dtype=torch.int64)\n"
+        "assert bool((pos[1:] > pos[:-1]).all()), pos  # in order, whatever order the atomics took\n"
         "for y in (torch_.decode(m, dev), fused.decode(m, dev)):\n"
         "    assert rel(y, c) <= min(0.05 * 1.02, m.rel_err_bound), rel(y, c)\n"
         "# corrupt words reach the kernels and are refused by their flag, not a crash\n"
