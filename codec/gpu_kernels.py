@@ -92,7 +92,7 @@ PROGRAMS_PER_SM = 8
 # 8 and 1 took 0.061 ms for 512 x 6144 rows, 4 and 4 0.187 ms, 16 and 4 0.378 ms).
 MEDIAN_CHANNELS = 8
 MEDIAN_WARPS = 1
-CANDIDATE_CHANNELS = 256  # channels per program of the step fit's glue kernel
+GLUE_CHANNELS = 256  # channels per program of the per-channel glue kernels (step fit, buckets)
 
 
 def available(device: torch.device) -> bool:
@@ -520,10 +520,10 @@ class _StepFit:
         steps = torch.empty(rows, c, dtype=torch.float32, device=device)
         inv = torch.empty_like(steps)
         err, scale, prev = previous if previous is not None else (self.tot_sq, 1.0, cand)
-        _candidates_kernel[(-(-c // CANDIDATE_CHANNELS),)](
+        _candidates_kernel[(-(-c // GLUE_CHANNELS),)](
             err, scale, self.rel_err, self.tot_sq, self.twelve_over_n, prev, self.ratios[min(mode, 1)], self.spread,
             self.floor, cand, steps, inv, shifts_out if shifts_out is not None else cand, c, K=CANDIDATES,
-            CB=CANDIDATE_CHANNELS, MODE=mode, MAXS=MAX_SHIFT)
+            CB=GLUE_CHANNELS, MODE=mode, MAXS=MAX_SHIFT)
         return cand, steps, inv
 
     def errors(self, common: dict, x, ref, candidates: tuple, share: int, cells: tuple | None) -> tuple:
@@ -601,10 +601,9 @@ def launch_encode(x: torch.Tensor, p: Layout, settings, inputs: Inputs, keep: bo
     # 3. contexts and quantisation
     buckets = layout.view(payload, "buckets")
     used = torch.zeros(N_BUCKETS, dtype=torch.int32, device=device)
-    _buckets_kernel[(-(-p.channels // CANDIDATE_CHANNELS),)](cells[0], cells[1], steps_c, buckets, used, p.channels,
-                                                            NCLS=N_CLASSES, CLS_BLOCK=triton.next_power_of_2(N_CLASSES),
-                                                            CB=CANDIDATE_CHANNELS,
-                                                            OFFSET=BUCKET_OFFSET, NB=N_BUCKETS)
+    _buckets_kernel[(-(-p.channels // GLUE_CHANNELS),)](cells[0], cells[1], steps_c, buckets, used, p.channels,
+                                                       NCLS=N_CLASSES, CLS_BLOCK=triton.next_power_of_2(N_CLASSES),
+                                                       CB=GLUE_CHANNELS, OFFSET=BUCKET_OFFSET, NB=N_BUCKETS)
     max_rows = p.fixed_rows + p.loud_capacity
     symbols = torch.empty(max_rows * p.channels, dtype=torch.int32, device=device)
     esc_count = torch.zeros(1, dtype=torch.int32, device=device)
@@ -629,8 +628,7 @@ def launch_encode(x: torch.Tensor, p: Layout, settings, inputs: Inputs, keep: bo
     # 4. rANS, sized for the most loud rows
     n_dev = (p.fixed_rows + n_loud) * p.channels
     counts = layout.view(payload, "group_words")
-    buf = entropy_triton.encode(symbols, n_dev, tables, _geometry(p, settings, delta), counts,
-                                layout.view(payload, "states"))
+    buf = entropy_triton.encode(symbols, n_dev, tables, layout.geo, counts, layout.view(payload, "states"))
     # 5. the message, packed on the device: the parts above were written in place; the
     # centre (key messages), then the words back to back
     layout.view(payload, "center").copy_(center)
