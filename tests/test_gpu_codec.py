@@ -312,6 +312,42 @@ def test_fused_centre_and_spread_match_the_torch_statistics():
         "print('same statistics')\n", "same statistics")
 
 
+def test_fused_tables_match_the_torch_tables():
+    """The encoder's and the decoder's table kernels give entropy.normalize_counts,
+    entropy_triton.packed_tables and entropy.slot_table, for used, unused and one-symbol
+    tables (the kernels write them again on the device; these are their references)."""
+    _run_with_triton(
+        "import torch\n"
+        "from comfy_mesh.codec import entropy as E, entropy_triton as T, gpu_kernels as K\n"
+        "dev = 'cuda' if torch.cuda.is_available() else 'cpu'\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "hist = (torch.rand(32, 64, generator=g) ** 8 * 5000).floor()\n"
+        "hist[3] = 0\n"
+        "hist[4] = 0\n"
+        "hist[4, 7] = 900  # one symbol\n"
+        "used = torch.ones(32, dtype=torch.int32)\n"
+        "used[3] = 0\n"
+        "used[9] = 0  # counts, but no cell points to it\n"
+        "share = 16\n"
+        "counts = torch.where(used[:, None] != 0, hist[:, :E.ALPHABET].long() * share + 1, 0)\n"
+        "freq = E.normalize_counts(counts)\n"
+        "fc, rcp = T.packed_tables(freq)\n"
+        "out = torch.empty(32 * E.ALPHABET, dtype=torch.int16, device=dev)\n"
+        "k_fc = torch.empty(32 * 64, dtype=torch.int32, device=dev)\n"
+        "k_rcp = torch.empty(32 * 64, dtype=torch.float64, device=dev)\n"
+        "K._tables_kernel[(32,)](hist.reshape(-1).to(dev), used.to(dev), share, out, k_fc, k_rcp,\n"
+        "                        ALPHA=E.ALPHABET, SCALE=E.PROB_SCALE, num_warps=1)\n"
+        "assert torch.equal(out.cpu().long().view(32, -1), freq)\n"
+        "assert torch.equal(k_fc.cpu(), fc) and torch.equal(k_rcp.cpu(), rcp)\n"
+        "d_fc = torch.empty(32 * 64, dtype=torch.int32, device=dev)\n"
+        "slots = torch.empty(32 << E.PROB_BITS, dtype=torch.uint8, device=dev)\n"
+        "T._decode_tables_kernel[(32, (1 << E.PROB_BITS) // T.SLOT_BLOCK)](out, d_fc, slots, ALPHA=E.ALPHABET,\n"
+        "                                                                PB=E.PROB_BITS, BLOCK=T.SLOT_BLOCK)\n"
+        "assert torch.equal(d_fc.cpu(), fc)\n"
+        "assert torch.equal(slots.cpu().long().view(32, -1), E.slot_table(freq))\n"
+        "print('same tables')\n", "same tables")
+
+
 def test_fused_backend_and_torch_backend_read_each_other():
     """The whole fused encoder and decoder (transform, step fit, quantiser, histogram,
     escapes, loud rows, temporal reference) against the torch backend, both ways."""
