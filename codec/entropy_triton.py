@@ -53,6 +53,11 @@ TABLE_WIDTH = 64
 SLOT_BLOCK = 128
 assert TABLE_WIDTH == 64 and ALPHABET <= TABLE_WIDTH and MAX_EXP <= 14 and N_BUCKETS <= 32
 
+# The rANS decoder asks L1 for the word stream this far ahead of where it reads (one
+# 128-byte line; a line's first word otherwise waits for L2). H100, one decode kernel:
+# key 0.234 -> 0.215 ms, delta 0.325 -> 0.288 ms; two lines ahead: 0.226 and 0.278.
+PREFETCH_WORDS = 64
+
 # Triton's interpreter (CI, CPU machines) runs no inline PTX: there the lanes' prefix
 # counts come from a scan, which gives the same numbers.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -155,6 +160,13 @@ if triton is not None:
         return x, need2, w2.to(tl.uint32) & 0xFFFF, blk, bad
 
     @triton.jit
+    def _prefetch_l1(ptrs):
+        """Ask L1 for the line at `ptrs` (the words a few steps on), without waiting for
+        it; -> 0 (an inline asm must return something: or it into a flag to keep it)."""
+        return tl.inline_asm_elementwise(asm="prefetch.global.L1 [$1]; mov.u32 $0, 0;", constraints="=r,l",
+                                         args=[ptrs], dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
     def _symbol(sym_ptr, offs, lo, n):
         """One step's packed symbols (0 outside this group's steps and the carry)."""
         return tl.load(sym_ptr + offs, mask=(offs >= lo) & (offs < n), other=0)
@@ -230,7 +242,8 @@ if triton is not None:
     @any_size
     def _decode_kernel(words_ptr, start_ptr, count_ptr, state_ptr, total_ptr, row_base_ptr, bucket_ptr, fc_ptr, slot_ptr,
                        token_ptr, steps_ptr, coef_ptr, bad_ptr, n, C: tl.constexpr, STEPS: tl.constexpr,
-                       LANES: tl.constexpr, NB: tl.constexpr, PB: tl.constexpr, BALLOT: tl.constexpr):
+                       LANES: tl.constexpr, NB: tl.constexpr, PB: tl.constexpr, BALLOT: tl.constexpr,
+                       PREFETCH: tl.constexpr):
         g = tl.program_id(0)
         lanes = tl.arange(0, LANES)
         total_words = tl.load(total_ptr).to(tl.int32)
@@ -266,6 +279,8 @@ if triton is not None:
             x = tl.where(valid, (f * (x >> PB) + slot) - (fc & 0xFFFF), x)
             nr = (info >> 20).to(tl.uint32)
             x, need2, w2, ptr, bad = _refill_both(x, nr, valid, ptr, start, total_words, words_ptr, bad, BALLOT)
+            if PREFETCH:
+                bad |= _prefetch_l1(words_ptr + tl.maximum(ptr - PREFETCH, 0) + lanes * 0)
             raw = (x & ((tl.full((LANES,), 1, tl.uint32) << nr) - 1)).to(tl.int32)
             x = x >> nr
             x = tl.where(need2, (x << 16) | w2, x)
@@ -399,5 +414,6 @@ def decode(words: torch.Tensor, total_words: torch.Tensor, group_words: torch.Te
                          row_bases, buckets, fc, slots,
                          device_constant("tokens", device, _token_table),
                          steps_c.contiguous(), coef, bad, geo.n, C=channels, STEPS=S, LANES=W, NB=N_BUCKETS,
-                         PB=PROB_BITS, BALLOT=_ballot(W), num_warps=max(1, W // LANES_PER_WARP))
+                         PB=PROB_BITS, BALLOT=_ballot(W), PREFETCH=0 if INTERPRETED else PREFETCH_WORDS,
+                         num_warps=max(1, W // LANES_PER_WARP))
     return coef
