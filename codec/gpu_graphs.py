@@ -2,14 +2,18 @@
 
 Launched one by one from Python, an encode's ~70 kernels cost 3.7 ms of host time on an
 H200 against 1.3 ms of GPU time, and a decode's ~45 cost about twice its GPU time. A
-captured graph replays them in one call. Each graph owns its input, staging and output
-buffers: inputs are copied in, outputs copied out before the next replay (a lock per
-graph keeps to one message at a time), and a cache keeps the last few shapes, since each
-holds its workspace on the GPU (encode about 8x the carry's bf16 bytes, decode about 3x).
+captured graph replays them in one call. Its kernels reach the tensors that change from
+call to call (the carry, the stream's reference, the output and the new reference)
+through an AddressTable, not through copies into and out of buffers of the graph's own;
+the small inputs are copied in and the small outputs copied out before the next replay
+(a lock per graph keeps to one message at a time). A cache keeps the last few shapes,
+since each holds its workspace on the GPU (the symbols, word buffers and message of an
+encode, the coefficients of a decode: a few times the carry's bf16 bytes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -43,53 +47,128 @@ def encode(x: torch.Tensor, layout: Layout, settings, reference: dict | None, ke
     return K.finish_encode(dev, meta, p, reference is not None, keep, captured=False)
 
 
+class AddressTable:
+    """The addresses of the tensors a captured graph reads or writes that change from call
+    to call (the caller's reference, fresh outputs), in a device array its kernels read
+    when they run (gpu_kernels._through): no copy of those tensors in or out of the
+    graph's own buffers. A delta decode copied 0.24 GB a message that way: the reference
+    in, the output and the new reference out."""
+
+    SLOTS = ("x", "ref", "new_ref", "out")  # gpu_kernels.SLOT_X, SLOT_REF, ...
+
+    def __init__(self, device):
+        self.host = torch.zeros(len(self.SLOTS), dtype=torch.int64, pin_memory=True)
+        self.device = torch.zeros(len(self.SLOTS), dtype=torch.int64, device=device)
+
+    def point(self, **tensors: torch.Tensor | None) -> None:
+        """Each named slot <- its tensor's address (0 for None), on the current stream.
+        The caller keeps the tensors alive until the graph has run, and waits for it
+        before pointing again (the host array is reused)."""
+        for name, t in tensors.items():
+            if t is not None and (not t.is_contiguous() or t.data_ptr() % 16):
+                raise ValueError("an address table takes contiguous tensors starting on 16 bytes")
+            self.host[self.SLOTS.index(name)] = 0 if t is None else t.data_ptr()
+        self.device.copy_(self.host, non_blocking=True)
+
+
+def _through_table(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """`tensor` as an AddressTable takes it: a copy where it is not contiguous or not
+    16-byte aligned (a view into a larger buffer)."""
+    if tensor is None or (tensor.is_contiguous() and tensor.data_ptr() % 16 == 0):
+        return tensor
+    return tensor.contiguous() if not tensor.is_contiguous() else tensor.clone()
+
+
 class EncodeGraph:
     """One carry shape's encode (key or delta, keeping a reference or not) as a graph.
-    The carry, and for a delta the stream's reference, are copied into its own buffers;
-    `run` leaves the outputs in its own buffers for finish_encode, under `lock`."""
+    The carry, the stream's reference (delta) and a fresh new reference (keep) are
+    reached through an AddressTable, or where the carry is too small for that
+    (K.takes_table), copied into and out of the graph's own buffers; the small inputs
+    of a delta (centre, loud tokens) are copied in. `run` leaves the other outputs in the
+    graph's own buffers for finish_encode, under `lock`."""
 
     def __init__(self, x: torch.Tensor, p: Layout, settings, delta: bool, keep: bool):
-        device = x.device
-        self.x = torch.empty_like(x)
-        self.x.copy_(x)
+        self.device, self.keep = x.device, keep
+        self.ref_numel = (p.fixed_rows + p.loud_capacity) * p.channels
+        self.table = AddressTable(x.device) if K.takes_table(x) else None
+        table = self.table.device if self.table is not None else None
+        # without a table, the graph's own carry and reference; with one, x and the
+        # reference below only give the shape and dtype, and say there is a reference
+        self.x = torch.empty_like(x) if table is None else x
         self.inputs = K.Inputs()
         if delta:
             cap = max(p.loud_capacity, 1)
-            self.inputs = K.Inputs(torch.zeros(p.channels, device=device),
-                                   torch.full((cap,), -1, dtype=torch.int64, device=device),
-                                   torch.zeros((), dtype=torch.int64, device=device),
-                                   torch.zeros((p.fixed_rows + p.loud_capacity) * p.channels, device=device))
+            self.inputs = K.Inputs(torch.zeros(p.channels, device=x.device),
+                                   torch.full((cap,), -1, dtype=torch.int64, device=x.device),
+                                   torch.zeros((), dtype=torch.int64, device=x.device),
+                                   torch.zeros(self.ref_numel if table is None else 1, device=x.device))
         self.lock = threading.Lock()
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # compile and warm up outside the capture
-            K.launch_encode(self.x, p, settings, self.inputs, keep)
-        torch.cuda.current_stream(device).wait_stream(side)
+        side = torch.cuda.Stream(x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):  # compile and warm up outside the capture, on stand-ins
+            if table is None:
+                self.x.copy_(x)
+            else:  # (held until the warm-up has run: the kernels write into them)
+                stand_ins = (_through_table(x), torch.zeros(self.ref_numel, device=x.device) if delta else None,
+                             self._new_ref())
+                self.table.point(x=stand_ins[0], ref=stand_ins[1], new_ref=stand_ins[2])
+            K.launch_encode(self.x, p, settings, self.inputs, keep, table)
+            side.synchronize()
+            stand_ins = None
+        torch.cuda.current_stream(x.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):  # other threads may run
-            self.out = K.launch_encode(self.x, p, settings, self.inputs, keep)
+            self.out = K.launch_encode(self.x, p, settings, self.inputs, keep, table)
+        if table is not None:
+            self.x = None  # the caller's first carry: not kept
         self.meta = torch.empty(self.out["meta"].numel(), dtype=torch.int64, pin_memory=True)
 
+    def _new_ref(self) -> torch.Tensor | None:
+        return torch.empty(self.ref_numel, device=self.device) if self.keep else None
+
     def run(self, x: torch.Tensor, inputs: K.Inputs) -> tuple[dict, torch.Tensor]:
-        self.x.copy_(x)
+        mine, out = self.inputs, self.out
         if inputs.ref is not None:
-            mine = self.inputs
             mine.center.copy_(inputs.center)
             mine.loud_idx.fill_(-1)
             mine.loud_idx[: inputs.loud_idx.numel()].copy_(inputs.loud_idx)
             mine.n_loud.copy_(inputs.n_loud)
-            mine.ref[: inputs.ref.numel()].copy_(inputs.ref)
+        if self.table is None:
+            self.x.copy_(x)
+            if inputs.ref is not None:
+                mine.ref[: inputs.ref.numel()].copy_(inputs.ref)
+        else:
+            # (the kernels read only the rows the reference has: its loud rows are counted)
+            ref = inputs.ref if inputs.ref is None or inputs.ref.dtype == torch.float32 else inputs.ref.float()
+            x, ref, new_ref = _through_table(x), _through_table(ref), self._new_ref()
+            self.table.point(x=x, ref=ref, new_ref=new_ref)
+            out = dict(out, new_ref=new_ref, fresh_ref=True)
         self.graph.replay()
         K.mark("queued")
         self.meta.copy_(self.out["meta"], non_blocking=True)
-        torch.cuda.current_stream(x.device).synchronize()
-        return self.out, self.meta
+        torch.cuda.current_stream(self.device).synchronize()  # (the table is free again)
+        return out, self.meta
 
 
 _GRAPHS: dict = {}
 _DECODE_GRAPHS: dict = {}
 _CACHE_LOCK = threading.Lock()  # the caches are shared by every codec instance and thread
-MAX_GRAPHS = 4  # captured shapes kept per cache (each holds its workspace: ~8x the carry's bytes)
+MAX_GRAPHS = 4  # captured shapes kept per cache (each holds its workspace: a few times the carry's bytes)
+
+
+@contextlib.contextmanager
+def dropped_after():
+    """Graphs made inside the block leave the caches at its end (a warm-up: it compiles
+    their kernels, and keeps no workspace for its small shape)."""
+    with _CACHE_LOCK:
+        before = [set(cache) for cache in (_GRAPHS, _DECODE_GRAPHS)]
+    try:
+        yield
+    finally:
+        with _CACHE_LOCK:
+            for cache, keys in zip((_GRAPHS, _DECODE_GRAPHS), before):
+                for key in [k for k in cache if k not in keys]:
+                    del cache[key]
 
 
 def _cached(cache: dict, key: tuple, make, what: str):
@@ -122,10 +201,13 @@ GRAPH_ESCAPES = 4096  # escapes a captured decoder has room for (more: the launc
 class DecodeGraph:
     """One message shape's decode as a graph. Its buffers: a pinned host staging area and
     a device copy of it, each part at a fixed offset and the words last (their count
-    varies), so one upload of the used prefix feeds every replay."""
+    varies), so one upload of the used prefix feeds every replay. The stream's reference,
+    the output and the new reference are the caller's and fresh tensors, reached through
+    an AddressTable."""
 
     def __init__(self, spec: dict, p: Layout, geo: Geometry, out_dtype, delta: bool, keep: bool, device):
         self.spec, self.p, self.geo, self.delta, self.keep = spec, p, geo, delta, keep
+        self.out_dtype = out_dtype
         self.offsets, at = {}, 0
         for name, (nbytes, dtype) in spec.items():
             self.offsets[name] = at
@@ -134,23 +216,34 @@ class DecodeGraph:
         self.host = torch.zeros(at, dtype=torch.uint8, pin_memory=True)
         self.blob = torch.zeros(at, dtype=torch.uint8, device=device)
         self.center = torch.zeros(p.channels, device=device)
-        self.ref = torch.zeros(p.n_coef, device=device) if delta else None
+        self.table = AddressTable(device)
         self.lock = threading.Lock()
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # compile and warm up outside the capture
-            self._decode(out_dtype)
+        with torch.cuda.stream(side):  # compile and warm up outside the capture, on stand-ins
+            stand_ins = self._outputs()
+            reference = torch.zeros(p.n_coef, device=device) if delta else None
+            self.table.point(ref=reference, new_ref=stand_ins[0], out=stand_ins[1])
+            self._decode()
+            side.synchronize()
+            del stand_ins, reference
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):  # other threads may run
-            self.out, self.new_ref, self.bad, self.used_center = self._decode(out_dtype)
+            self.bad, self.used_center = self._decode()
+
+    def _outputs(self) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Fresh (new reference or None, output) for one replay."""
+        p, device = self.p, self.blob.device
+        new_ref = torch.empty(p.n_coef, device=device) if self.keep else None
+        return new_ref, torch.empty(p.batch * p.tokens, p.channels, dtype=self.out_dtype, device=device)
 
     def _view(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
         at = self.offsets[name]
         nbytes, dtype = self.spec[name]
         return tensor[at:at + nbytes].view(dtype)
 
-    def _decode(self, out_dtype):
+    def _decode(self):
         pieces = {name: self._view(self.blob, name) for name in self.spec}
         tables = pieces.pop("tables")
         freq = torch.zeros(N_BUCKETS, ALPHABET, dtype=torch.int64, device=self.blob.device)
@@ -159,12 +252,16 @@ class DecodeGraph:
         pieces["buckets"] = pieces["buckets"].view(N_CLASSES, self.p.channels)
         pieces["states"] = pieces["states"].view(self.geo.groups, self.geo.lanes)
         center = self.center if self.delta else pieces["center"].float()
-        return (*K.decode(pieces, self.p, self.geo, center, self.ref, self.keep, out_dtype), center)
+        # the reference argument only says there is one: the kernel reads it through the table
+        _, _, bad = K.decode(pieces, self.p, self.geo, center, self.center if self.delta else None, self.keep,
+                             self.out_dtype, table=self.table.device)
+        return bad, center
 
     def run(self, frames: dict, center: torch.Tensor | None, reference: torch.Tensor | None):
         """`frames`: part name -> bytes-like (the message's buffers, and the small arrays
-        the header gives). -> (output, new reference or None, the centre, corrupt?); the
-        outputs are copies: the next replay overwrites the graph's own."""
+        the header gives). -> (output, new reference or None, the centre, corrupt?): the
+        output and the new reference are fresh tensors the kernels wrote through the
+        table, the centre a copy (the next replay overwrites the graph's own)."""
         for name, frame in frames.items():
             n = memoryview(frame).nbytes
             if n:
@@ -177,11 +274,14 @@ class DecodeGraph:
         self.blob[:used].copy_(self.host[:used], non_blocking=True)
         if self.delta:
             self.center.copy_(center)
-            self.ref.copy_(reference)
+            reference = _through_table(reference.float())
+            if reference.numel() != self.p.n_coef:
+                raise ValueError("the stream's reference does not fit this message")
+        new_ref, out = self._outputs()
+        self.table.point(ref=reference if self.delta else None, new_ref=new_ref, out=out)
         self.graph.replay()
-        out = self.out.clone()
-        new_ref, center = (self.new_ref.clone(), self.used_center.clone()) if self.keep else (None, None)
-        return out, new_ref, center, bool(self.bad.item())
+        center = self.used_center.clone() if self.keep else None
+        return out, new_ref, center, bool(self.bad.item())  # (waits for the graph: the table is free again)
 
 
 def decode_captured(frames: dict, spec: dict, p: Layout, geo: Geometry, out_dtype, delta: bool, keep: bool,

@@ -101,6 +101,20 @@ def available(device: torch.device) -> bool:
 
 if triton is not None:
 
+    # The slots of an address table (gpu_graphs.AddressTable): the carry an encoder reads,
+    # the stream's reference, the new reference, a decoder's output.
+    SLOT_X = tl.constexpr(0)
+    SLOT_REF = tl.constexpr(1)
+    SLOT_NEW_REF = tl.constexpr(2)
+    SLOT_OUT = tl.constexpr(3)
+
+    @triton.jit
+    def _through(table_ptr, slot: tl.constexpr, DT: tl.constexpr):
+        """A slot of an address table as a pointer to DT: how a captured graph reaches
+        tensors that change from call to call. The table holds only 16-byte aligned
+        addresses, and saying so keeps the loads and stores vectorised."""
+        return tl.multiple_of(tl.load(table_ptr + slot).to(tl.pointer_type(DT)), 16)
+
     @triton.jit
     def _rows(tile, T, N_TXT, H, W, HB, WB, TEXT_TILES, BLOCK_TILES, TEXT_ROWS, FIXED_ROWS, n_loud,
               loud_idx_ptr, TEXT: tl.constexpr, LOUD: tl.constexpr):
@@ -173,12 +187,17 @@ if triton is not None:
     @any_size
     def _fit_kernel(x_ptr, center_ptr, loud_mask_ptr, loud_idx_ptr, n_loud_ptr, d2_ptr, ref_ptr, steps_ptr, inv_ptr,
                     err_ptr, sq_ptr, count_ptr, STRIDE, N_PROGRAMS, GROUPS, T, N_TXT, H, W, HB, WB, TEXT_TILES, BLOCK_TILES,
-                    TEXT_ROWS, FIXED_ROWS, C: tl.constexpr, CB: tl.constexpr, CHUNKS: tl.constexpr,
+                    TEXT_ROWS, FIXED_ROWS, table_ptr, C: tl.constexpr, CB: tl.constexpr, CHUNKS: tl.constexpr,
                     K: tl.constexpr, HAS_REF: tl.constexpr, SQ: tl.constexpr, TEXT: tl.constexpr,
-                    LOUD: tl.constexpr, NCLS: tl.constexpr, PREC: tl.constexpr):
+                    LOUD: tl.constexpr, NCLS: tl.constexpr, PREC: tl.constexpr, THROUGH: tl.constexpr,
+                    X_DT: tl.constexpr):
         """Squared error of every candidate step over this program's tile and channels
         (one partial sum per program and candidate: no contended atomics); with SQ, each
-        (class, channel)'s sum of squared coefficients too."""
+        (class, channel)'s sum of squared coefficients too. THROUGH: the carry and the
+        reference come from the address table."""
+        if THROUGH:
+            x_ptr = _through(table_ptr, SLOT_X, X_DT)
+            ref_ptr = _through(table_ptr, SLOT_REF, tl.float32)
         pid = tl.program_id(0)
         p = (pid * STRIDE) % N_PROGRAMS
         tile = p // GROUPS
@@ -299,9 +318,16 @@ if triton is not None:
     def _quantise_kernel(x_ptr, center_ptr, loud_mask_ptr, loud_idx_ptr, n_loud_ptr, d2_ptr, ref_ptr, new_ref_ptr, steps_ptr,
                          inv_ptr, bucket_ptr, sym_ptr, key_ptr, esc_count_ptr, esc_pos_ptr, esc_val_ptr,
                          ESC_CAP, KEPT, GROUPS, T, N_TXT, H, W, HB, WB, TEXT_TILES, BLOCK_TILES, TEXT_ROWS, FIXED_ROWS,
-                         C: tl.constexpr, CB: tl.constexpr, CHUNKS: tl.constexpr, HAS_REF: tl.constexpr,
+                         table_ptr, C: tl.constexpr, CB: tl.constexpr, CHUNKS: tl.constexpr, HAS_REF: tl.constexpr,
                          WRITE_REF: tl.constexpr, TEXT: tl.constexpr, LOUD: tl.constexpr,
-                         EXACT: tl.constexpr, MAXE: tl.constexpr, ESC: tl.constexpr, PREC: tl.constexpr):
+                         EXACT: tl.constexpr, MAXE: tl.constexpr, ESC: tl.constexpr, PREC: tl.constexpr,
+                         THROUGH: tl.constexpr, X_DT: tl.constexpr):
+        """THROUGH: the carry, the reference and the new reference come from the address
+        table (at table_ptr)."""
+        if THROUGH:
+            x_ptr = _through(table_ptr, SLOT_X, X_DT)
+            ref_ptr = _through(table_ptr, SLOT_REF, tl.float32)
+            new_ref_ptr = _through(table_ptr, SLOT_NEW_REF, tl.float32)
         p = tl.program_id(0)
         tile = p // GROUPS
         n_loud = tl.load(n_loud_ptr)
@@ -364,10 +390,17 @@ if triton is not None:
 
     @any_size
     def _inverse_kernel(coef_ptr, ref_ptr, new_ref_ptr, center_ptr, loud_mask_ptr, loud_idx_ptr, n_loud, d2_ptr,
-                        out_ptr, N_PROGRAMS, GROUPS, T, N_TXT, H, W, HB, WB, TEXT_TILES, BLOCK_TILES, TEXT_ROWS,
-                        FIXED_ROWS,
+                        out_ptr, table_ptr, N_PROGRAMS, GROUPS, T, N_TXT, H, W, HB, WB, TEXT_TILES, BLOCK_TILES,
+                        TEXT_ROWS, FIXED_ROWS,
                         C: tl.constexpr, CB: tl.constexpr, CHUNKS: tl.constexpr, HAS_REF: tl.constexpr,
-                        WRITE_REF: tl.constexpr, TEXT: tl.constexpr, LOUD: tl.constexpr, PREC: tl.constexpr):
+                        WRITE_REF: tl.constexpr, TEXT: tl.constexpr, LOUD: tl.constexpr, PREC: tl.constexpr,
+                        THROUGH: tl.constexpr, OUT_DT: tl.constexpr):
+        """THROUGH: the reference, the new reference and the output come from the address
+        table (their pointer arguments are not read)."""
+        if THROUGH:
+            ref_ptr = _through(table_ptr, SLOT_REF, tl.float32)
+            new_ref_ptr = _through(table_ptr, SLOT_NEW_REF, tl.float32)
+            out_ptr = _through(table_ptr, SLOT_OUT, OUT_DT)
         d2t = _load_dct(d2_ptr, True)
         # persistent: each program loads the inverse DCT once and takes tiles until none
         # are left (H100: 0.117 -> 0.102 ms; the quantiser, made persistent alike, went
@@ -396,11 +429,13 @@ if triton is not None:
                          mask=(own >= 0)[:, None] & cm[None, :])
 
     @any_size
-    def _centre_spread_kernel(x_ptr, centre_ptr, spread_ptr, n, C, R: tl.constexpr, CB: tl.constexpr,
-                              HAS_CENTRE: tl.constexpr):
+    def _centre_spread_kernel(x_ptr, centre_ptr, spread_ptr, n, C, table_ptr, R: tl.constexpr, CB: tl.constexpr,
+                              HAS_CENTRE: tl.constexpr, THROUGH: tl.constexpr, X_DT: tl.constexpr):
         """gpu_layout's sample_rows, channel_centre (unless HAS_CENTRE: given) and
         channel_spread for CB channels: R evenly spaced rows of the (n, C) carry, a
-        bitonic sort for each median."""
+        bitonic sort for each median. THROUGH: the carry comes from the address table."""
+        if THROUGH:
+            x_ptr = _through(table_ptr, SLOT_X, X_DT)
         ch = tl.program_id(0) * CB + tl.arange(0, CB)
         cm = ch < C
         r = tl.arange(0, R)
@@ -418,7 +453,10 @@ if triton is not None:
         tl.store(spread_ptr + ch, tl.where(mad > 0, mad, rms), mask=cm)
 
     @triton.jit
-    def _token_sq_kernel(x_ptr, center_ptr, centred_ptr, plain_ptr, C: tl.constexpr, CB: tl.constexpr):
+    def _token_sq_kernel(x_ptr, center_ptr, centred_ptr, plain_ptr, table_ptr, C: tl.constexpr, CB: tl.constexpr,
+                         THROUGH: tl.constexpr, X_DT: tl.constexpr):
+        if THROUGH:
+            x_ptr = _through(table_ptr, SLOT_X, X_DT)
         row = tl.program_id(0).to(tl.int64)
         acc_c = tl.zeros((CB,), tl.float32)
         acc_p = tl.zeros((CB,), tl.float32)
@@ -431,6 +469,10 @@ if triton is not None:
             acc_p += v * v
         tl.store(centred_ptr + row, tl.sum(acc_c, 0))
         tl.store(plain_ptr + row, tl.sum(acc_p, 0))
+
+
+_TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16} \
+    if triton is not None else {}
 
 
 class _Grid:
@@ -458,20 +500,37 @@ class _Grid:
                     TEXT=TEXT_CLASS, LOUD=LOUD_CLASS, PREC=PRECISION, num_warps=NUM_WARPS)
 
 
-def _centre_and_spread(x: torch.Tensor, centre: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _centre_and_spread(x: torch.Tensor, centre: torch.Tensor | None, through: dict | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """gpu_layout.channel_centre (unless given) and channel_spread over sample_rows(x),
     in one kernel: on an H100 the two median kernels and the torch ops between them
-    (sampling, centring, |.|, the RMS fallback) took 0.2 ms of a 1.3 ms encode."""
+    (sampling, centring, |.|, the RMS fallback) took 0.2 ms of a 1.3 ms encode.
+    `through`: the address table's kernel arguments (_through_args; None: x's own)."""
     n, c = x.numel() // x.shape[-1], x.shape[-1]
-    if n < STATS_ROWS:  # few tokens: no power-of-two row count
+    if n < STATS_ROWS:  # few tokens: no power-of-two row count (never through a table: reads x here)
         rows = sample_rows(x)
         centre = channel_centre(rows) if centre is None else centre
         return centre, channel_spread(rows - centre)
+    through = through or _through_args(x, None)
     spread = torch.empty(c, dtype=torch.float32, device=x.device)
     out = torch.empty_like(spread) if centre is None else centre
-    _centre_spread_kernel[(-(-c // MEDIAN_CHANNELS),)](x, out, spread, n, c, R=STATS_ROWS, CB=MEDIAN_CHANNELS,
-                                                       HAS_CENTRE=centre is not None, num_warps=MEDIAN_WARPS)
+    _centre_spread_kernel[(-(-c // MEDIAN_CHANNELS),)](x, out, spread, n, c, through["table_ptr"], R=STATS_ROWS,
+                                                       CB=MEDIAN_CHANNELS, HAS_CENTRE=centre is not None,
+                                                       THROUGH=through["THROUGH"], X_DT=through["X_DT"],
+                                                       num_warps=MEDIAN_WARPS)
     return out, spread
+
+
+def takes_table(x: torch.Tensor) -> bool:
+    """Whether an encode of `x` can read it through an address table: every kernel, not
+    torch ops, reads the carry (not so below STATS_ROWS tokens)."""
+    return x.numel() // x.shape[-1] >= STATS_ROWS
+
+
+def _through_args(x: torch.Tensor, table: torch.Tensor | None) -> dict:
+    """The kernels' arguments for reading through `table` (None: the pointers given)."""
+    return {"table_ptr": table if table is not None else x, "THROUGH": table is not None,
+            "X_DT": _TRITON_DTYPES[x.dtype]}
 
 
 #: set to a dict to collect host times (perf_counter) of the encoder's phases: "start",
@@ -526,7 +585,7 @@ class _StepFit:
             CB=GLUE_CHANNELS, MODE=mode, MAXS=MAX_SHIFT)
         return cand, steps, inv
 
-    def errors(self, common: dict, x, ref, candidates: tuple, share: int, cells: tuple | None) -> tuple:
+    def errors(self, common: dict, x, ref, candidates: tuple, share: int, cells: tuple | None, through: dict) -> tuple:
         """Each candidate's squared error over the sampled programs -> (sums (K,) float64,
         the factor to the whole carry, the candidates); with `cells`, each (class,
         channel)'s sum of squares and row count over the sample are added to them."""
@@ -537,7 +596,8 @@ class _StepFit:
         sq, count = cells if cells is not None else (part, part)
         _fit_kernel[(n_prog,)](x, *common["pointers"], ref if ref is not None else x, candidates[1], candidates[2],
                                part, sq, count, stride, grid.programs, K=CANDIDATES, HAS_REF=ref is not None,
-                               SQ=cells is not None, NCLS=N_CLASSES, **(grid.args() | {"PREC": FIT_PRECISION}))
+                               SQ=cells is not None, NCLS=N_CLASSES, **through,
+                               **(grid.args() | {"PREC": FIT_PRECISION}))
         return part.sum(0, dtype=torch.float64), grid.programs / n_prog, candidates[0]
 
 
@@ -564,17 +624,24 @@ class Inputs:
                    reference["coef"])
 
 
-def launch_encode(x: torch.Tensor, p: Layout, settings, inputs: Inputs, keep: bool) -> dict:
+def launch_encode(x: torch.Tensor, p: Layout, settings, inputs: Inputs, keep: bool,
+                  table: torch.Tensor | None = None) -> dict:
     """Every kernel of one encode, no host round trip: -> the device tensors a message
-    is made of, and `meta` (sizes and flags, int64) for the one small copy back."""
+    is made of, and `meta` (sizes and flags, int64) for the one small copy back.
+    With `table` (a captured graph's gpu_graphs.AddressTable, on the device; only where
+    takes_table(x)): the kernels read the carry and the reference, and write the new
+    reference, where it points when they run; `x` and `inputs.ref` then only give the
+    shape, dtype and whether there is a reference, and "new_ref" is None."""
     device = x.device
     delta = inputs.ref is not None
+    through = _through_args(x, table)
     if delta:
         loud_idx, n_loud = inputs.loud_idx, inputs.n_loud
-    center, spread = _centre_and_spread(x, inputs.center)
+    center, spread = _centre_and_spread(x, inputs.center, through)
     centred_sq = torch.empty(p.batch * p.tokens, dtype=torch.float32, device=device)
     plain_sq = torch.empty_like(centred_sq)
-    _token_sq_kernel[(p.batch * p.tokens,)](x, center, centred_sq, plain_sq, C=p.channels, CB=1024)
+    _token_sq_kernel[(p.batch * p.tokens,)](x, center, centred_sq, plain_sq, through["table_ptr"], C=p.channels,
+                                            CB=1024, THROUGH=through["THROUGH"], X_DT=through["X_DT"])
     if not delta:
         if p.h:
             loud_idx, n_loud = find_loud(centred_sq.view(p.batch, p.tokens)[:, p.n_txt:].reshape(-1), p)
@@ -590,9 +657,9 @@ def launch_encode(x: torch.Tensor, p: Layout, settings, inputs: Inputs, keep: bo
 
     # 2. step fit: coarse on a sample, fine on a larger one
     fit = _StepFit(grid, spread, tot_sq, settings, numel)
-    coarse = fit.errors(common, x, ref, fit.candidates(0, None), COARSE_SHARE, None)
+    coarse = fit.errors(common, x, ref, fit.candidates(0, None), COARSE_SHARE, None, through)
     cells = torch.zeros(2, N_CLASSES, p.channels, dtype=torch.float32, device=device)
-    fine = fit.errors(common, x, ref, fit.candidates(1, coarse), FINE_SHARE, (cells[0], cells[1]))
+    fine = fit.errors(common, x, ref, fit.candidates(1, coarse), FINE_SHARE, (cells[0], cells[1]), through)
     layout = _Payload(p, _geometry(p, settings, delta))
     payload = torch.empty(layout.capacity, dtype=torch.uint8, device=device)
     step, steps_c, inv_c = fit.candidates(2, fine, shifts_out=layout.view(payload, "shifts"))
@@ -610,7 +677,8 @@ def launch_encode(x: torch.Tensor, p: Layout, settings, inputs: Inputs, keep: bo
     esc_pos = torch.empty(ESCAPE_CAPACITY, dtype=torch.int64, device=device)
     esc_val = torch.empty(ESCAPE_CAPACITY, dtype=torch.float32, device=device)
     # the new reference goes to a new buffer: the old one stays whole if this path gives up
-    new_ref = torch.empty(max_rows * p.channels, dtype=torch.float32, device=device) if keep else None
+    new_ref = torch.empty(max_rows * p.channels, dtype=torch.float32, device=device) \
+        if keep and table is None else None
     share = HIST_SHARE or (64 if max_rows * p.channels >= 64 * HIST_SAMPLE else 16)
     kept = 64 // share  # rows of each tile in the histogram sample
     keys = torch.empty(grid.programs * CHUNKS * kept * CHANNEL_BLOCK, dtype=torch.float32, device=device)
@@ -618,7 +686,7 @@ def launch_encode(x: torch.Tensor, p: Layout, settings, inputs: Inputs, keep: bo
                                        new_ref if new_ref is not None else x, steps_c, inv_c, buckets,
                                        symbols, keys, esc_count, esc_pos, esc_val, ESCAPE_CAPACITY, kept,
                                        HAS_REF=delta, WRITE_REF=keep, EXACT=EXACT_TOKENS,
-                                       MAXE=MAX_EXP, ESC=ESCAPE, **grid.args())
+                                       MAXE=MAX_EXP, ESC=ESCAPE, **through, **grid.args())
     hist = torch.histc(keys, bins=HIST_BINS, min=0, max=HIST_BINS)  # keys < 0 (no symbol) fall outside
     tables = (torch.empty(HIST_BINS, dtype=torch.int32, device=device),
               torch.empty(HIST_BINS, dtype=torch.float64, device=device))
@@ -698,7 +766,8 @@ def finish_encode(dev: dict, meta: torch.Tensor, p: Layout, delta: bool, keep: b
         host[esc_at + 8 * n_esc:].view(torch.float32).copy_(dev["esc_val"][:n_esc], non_blocking=True)
     if keep:
         own = (lambda t: t.clone()) if captured else (lambda t: t)
-        reference = {"coef": own(dev["new_ref"][:full.n_coef]), "center": own(dev["center"]),
+        coef = dev["new_ref"][:full.n_coef]  # a graph's own buffer, unless it wrote through its table
+        reference = {"coef": coef if dev.get("fresh_ref") else own(coef), "center": own(dev["center"]),
                      "loud_idx": own(dev["loud_idx"])}
     if on_gpu:
         torch.cuda.current_stream(dev["payload"].device).synchronize()
@@ -723,14 +792,19 @@ def _non_finite():
 
 
 def decode(pieces: dict, layout: Layout, geo: Geometry, center: torch.Tensor, reference: torch.Tensor | None,
-           keep: bool, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+           keep: bool, out_dtype: torch.dtype, table: torch.Tensor | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Decode on a CUDA device; arguments as gpu_reference.decode, and optionally
     `total_words` and `n_esc` (device scalars: the words and escapes buffers may be longer
     than what they hold, as in a captured graph's). gpu.py has checked the parts that
     steer the kernels (tables, word counts, shifts, buckets, escapes); a corrupt word
     stream does not raise here: it sets the returned flag (a device tensor the caller
     reads once).
-    -> ((B, T, C) in out_dtype, the new reference coefficients when `keep`, flag)."""
+    -> ((B, T, C) in out_dtype, the new reference coefficients when `keep`, flag).
+    With `table` (a captured graph's gpu_graphs.AddressTable, on the device): the
+    reference is read from, and the new reference and the output written to, the tensors
+    it points at when the kernels run; `reference` only says whether there is one, and
+    the outputs returned are None."""
     p = layout
     device = pieces["words"].device
     n = p.n_coef
@@ -747,12 +821,18 @@ def decode(pieces: dict, layout: Layout, geo: Geometry, center: torch.Tensor, re
         listed = torch.arange(esc_pos.numel(), device=device) < pieces.get("n_esc", esc_pos.numel())
         coef.scatter_(0, torch.where(listed, esc_pos, n), pieces["esc_val"])  # the rest: the spare slot
     coef = coef[:n]
-    new_ref = torch.empty_like(coef) if keep else None
     grid = _Grid(p, device)
     loud_idx = pieces["loud"]
-    out = torch.empty(p.batch * p.tokens, p.channels, dtype=out_dtype, device=device)
-    _inverse_kernel[(grid.persistent,)](coef, reference if reference is not None else coef,
-                                      new_ref if new_ref is not None else coef, center.contiguous(),
-                                      _loud_mask(loud_idx, p.image_tokens), loud_idx, len(p.loud), grid.d2, out,
-                                      grid.programs, HAS_REF=reference is not None, WRITE_REF=keep, **grid.args())
+    if table is None:
+        new_ref = torch.empty_like(coef) if keep else None
+        out = torch.empty(p.batch * p.tokens, p.channels, dtype=out_dtype, device=device)
+        pointers = (reference if reference is not None else coef, new_ref if new_ref is not None else coef, out)
+    else:
+        new_ref = out = None
+        pointers = (coef, coef, coef)  # not read: the kernel takes them from the table
+    _inverse_kernel[(grid.persistent,)](coef, pointers[0], pointers[1], center.contiguous(),
+                                      _loud_mask(loud_idx, p.image_tokens), loud_idx, len(p.loud), grid.d2,
+                                      pointers[2], table if table is not None else coef, grid.programs,
+                                      HAS_REF=reference is not None, WRITE_REF=keep, THROUGH=table is not None,
+                                      OUT_DT=_TRITON_DTYPES[out_dtype], **grid.args())
     return out, new_ref, bad

@@ -394,6 +394,59 @@ def test_fused_backend_and_torch_backend_read_each_other():
         "print('both ways')\n", "both ways")
 
 
+def test_kernels_reach_the_tensors_through_an_address_table():
+    """What a captured graph does (gpu_graphs.AddressTable): the kernels read the carry
+    and the reference, and write the new reference and the output, at addresses from a
+    table, and give what they give through their pointer arguments. Each encode and
+    decode of a key and a delta message runs both ways here and compares."""
+    _run_with_triton(
+        "import torch\n"
+        "from comfy_mesh.codec import get, gpu_kernels as K\n"
+        "from comfy_mesh.codec.base import StreamState, TokenLayout\n"
+        "from comfy_mesh.codec.corpus import CorpusSpec, synthetic_steps\n"
+        "dev = 'cuda' if torch.cuda.is_available() else 'cpu'\n"
+        "def table(**t):\n"
+        "    names = ('x', 'ref', 'new_ref', 'out')\n"
+        "    return torch.tensor([t[n].data_ptr() if t.get(n) is not None else 0 for n in names], device=dev)\n"
+        "launch, decode, seen = K.launch_encode, K.decode, []\n"
+        "def launch_both(x, p, settings, inputs, keep):\n"
+        "    direct = launch(x, p, settings, inputs, keep)\n"
+        "    new_ref = torch.full_like(direct['new_ref'], float('nan'))\n"
+        "    # the pointer arguments get zeros: only what the table points at may be read\n"
+        "    zeros = K.Inputs(inputs.center, inputs.loud_idx, inputs.n_loud,\n"
+        "                     None if inputs.ref is None else torch.zeros_like(inputs.ref))\n"
+        "    through = launch(torch.zeros_like(x), p, settings, zeros, keep, table(x=x, ref=inputs.ref, new_ref=new_ref))\n"
+        "    assert torch.equal(direct['meta'], through['meta'])\n"
+        "    parts = direct['layout']\n"
+        "    for name in parts.parts:  # (not the padding between them: never written)\n"
+        "        mine, theirs = parts.view(direct['payload'], name), parts.view(through['payload'], name)\n"
+        "        used = int(direct['meta'][0]) if name == 'words' else mine.numel()\n"
+        "        assert torch.equal(mine[:used], theirs[:used]), name\n"
+        "    n = int(direct['meta'][2]) * p.channels + p.fixed_rows * p.channels\n"
+        "    assert torch.equal(direct['new_ref'][:n], new_ref[:n]) and through['new_ref'] is None\n"
+        "    seen.append('encode')\n"
+        "    return direct\n"
+        "def decode_both(pieces, p, geo, center, reference, keep, out_dtype):\n"
+        "    out, new_ref, bad = decode(pieces, p, geo, center, reference, keep, out_dtype)\n"
+        "    mine = (torch.full_like(new_ref, float('nan')) if keep else None, torch.full_like(out, float('nan')))\n"
+        "    none = decode(pieces, p, geo, center, reference, keep, out_dtype,\n"
+        "                  table=table(ref=reference, new_ref=mine[0], out=mine[1]))\n"
+        "    assert torch.equal(mine[1], out) and none[:2] == (None, None)\n"
+        "    assert new_ref is None or torch.equal(mine[0], new_ref)\n"
+        "    seen.append('decode')\n"
+        "    return out, new_ref, bad\n"
+        "K.launch_encode, K.decode = launch_both, decode_both\n"
+        "spec = CorpusSpec(layout=TokenLayout(5, 16, 18), channels=40)  # 293 tokens: the kernels read the carry\n"
+        "codec = get('gpu', rel_err=0.05, backend='triton', min_steps=16, graphs=False)\n"
+        "enc, dec = StreamState(), StreamState()\n"
+        "for x in synthetic_steps(spec, rho=0.95, steps=2):\n"
+        "    m = codec.encode(x.bfloat16().to(dev), state=enc, layout=spec.layout)\n"
+        "    codec.decode(m, dev, state=dec)\n"
+        "assert m.header['stream']['delta'] and m.header['loud'], m.header\n"
+        "assert seen == ['encode', 'decode'] * 2, seen\n"
+        "print('same through the table')\n", "same through the table")
+
+
 def test_error_lands_on_the_target_for_white_data():
     # Regression: on data where the error is exactly proportional to the step, the damped
     # fit never got under the target and fell back to half of it (twice the bits needed).
