@@ -180,10 +180,11 @@ class GpuCodec:
 
     def warm_up(self, channels: int, device, dtype: torch.dtype = torch.bfloat16) -> float | None:
         """Do the fused backend's first-use work now: Triton compiles its kernels the first
-        time a process meets a channel count (about 50 s on a fresh machine, H200; then
-        from Triton's disk cache, about a second), which would otherwise land inside the
-        first sampler step. Codes a small carry of `channels`, a key message and a delta
-        against it, both ways. -> seconds spent, or None where the kernels do not run
+        time a process meets a channel count (about 50 s on a fresh H200; on a fresh H100
+        with the captured graphs' variants too, warming up and then coding two messages
+        took 73 s; then from Triton's disk cache, about a second), which would otherwise
+        land inside the first sampler step. Codes a small carry of `channels`, a key
+        message and a delta against it, both ways, launched and captured. -> seconds spent, or None where the kernels do not run
         (no CUDA device or no Triton: nothing to compile)."""
         device = torch.device(device)
         if not _fused(self.settings, device) or device.type != "cuda":
