@@ -144,10 +144,11 @@ if triton is not None:
         the raw bits need a word too follows from x before any word is read (x < 2^16 takes
         one, and then x * 2^16 + w < 2^(16 + nr) exactly when x < 2^nr), so a step waits
         for one round of votes and loads, not two in a row. -> (x after the token's word,
-        x after both, ptr, bad); reads before the group's `start` (a corrupt stream) set
-        `bad` and read nothing."""
+        whether the raw bits take a word, that word, ptr, bad); reads before the group's
+        `start` (a corrupt stream) set `bad` and read nothing."""
+        one = tl.full(x.shape, 1, tl.uint32)
         need1 = valid & (x < 65536)
-        need2 = tl.where(need1, x < (tl.full(x.shape, 1, tl.uint32) << nr), x < (tl.full(x.shape, 65536, tl.uint32) << nr))
+        need2 = tl.where(need1, x < (one << nr), x < (one << (nr + 16)))
         below1, total1 = _rank(need1, BALLOT)
         below2, total2 = _rank(need2, BALLOT)
         pos1 = ptr - total1 + below1
