@@ -60,23 +60,20 @@ class AddressTable:
         self.host = torch.zeros(len(self.SLOTS), dtype=torch.int64, pin_memory=True)
         self.device = torch.zeros(len(self.SLOTS), dtype=torch.int64, device=device)
 
-    def point(self, **tensors: torch.Tensor | None) -> None:
+    def point(self, **tensors: torch.Tensor | None) -> tuple:
         """Each named slot <- its tensor's address (0 for None), on the current stream.
-        The caller keeps the tensors alive until the graph has run, and waits for it
-        before pointing again (the host array is reused)."""
+        The kernels take contiguous tensors starting on 16 bytes: others (a view into a
+        larger buffer) are copied. -> the tensors pointed at, in the order given: the
+        caller keeps them alive until the graph has run, and waits for it before pointing
+        again (the host array is reused)."""
+        held = []
         for name, t in tensors.items():
             if t is not None and (not t.is_contiguous() or t.data_ptr() % 16):
-                raise ValueError("an address table takes contiguous tensors starting on 16 bytes")
+                t = t.clone(memory_format=torch.contiguous_format)
             self.host[self.SLOTS.index(name)] = 0 if t is None else t.data_ptr()
+            held.append(t)
         self.device.copy_(self.host, non_blocking=True)
-
-
-def _through_table(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    """`tensor` as an AddressTable takes it: a copy where it is not contiguous or not
-    16-byte aligned (a view into a larger buffer)."""
-    if tensor is None or (tensor.is_contiguous() and tensor.data_ptr() % 16 == 0):
-        return tensor
-    return tensor.contiguous() if not tensor.is_contiguous() else tensor.clone()
+        return tuple(held)
 
 
 class EncodeGraph:
@@ -109,9 +106,8 @@ class EncodeGraph:
             if table is None:
                 self.x.copy_(x)
             else:  # (held until the warm-up has run: the kernels write into them)
-                stand_ins = (_through_table(x), torch.zeros(self.ref_numel, device=x.device) if delta else None,
-                             self._new_ref())
-                self.table.point(x=stand_ins[0], ref=stand_ins[1], new_ref=stand_ins[2])
+                stand_ins = self.table.point(x=x, ref=torch.zeros(self.ref_numel, device=x.device) if delta else None,
+                                             new_ref=self._new_ref())
             K.launch_encode(self.x, p, settings, self.inputs, keep, table)
             side.synchronize()
             stand_ins = None
@@ -139,10 +135,9 @@ class EncodeGraph:
                 mine.ref[: inputs.ref.numel()].copy_(inputs.ref)
         else:
             # (the kernels read only the rows the reference has: its loud rows are counted)
-            ref = inputs.ref if inputs.ref is None or inputs.ref.dtype == torch.float32 else inputs.ref.float()
-            x, ref, new_ref = _through_table(x), _through_table(ref), self._new_ref()
-            self.table.point(x=x, ref=ref, new_ref=new_ref)
-            out = dict(out, new_ref=new_ref, fresh_ref=True)
+            held = self.table.point(x=x, ref=None if inputs.ref is None else inputs.ref.float(),
+                                    new_ref=self._new_ref())
+            out = dict(out, new_ref=held[2], fresh_ref=True)
         self.graph.replay()
         K.mark("queued")
         self.meta.copy_(self.out["meta"], non_blocking=True)
@@ -221,12 +216,12 @@ class DecodeGraph:
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # compile and warm up outside the capture, on stand-ins
-            stand_ins = self._outputs()
-            reference = torch.zeros(p.n_coef, device=device) if delta else None
-            self.table.point(ref=reference, new_ref=stand_ins[0], out=stand_ins[1])
+            new_ref, out = self._outputs()
+            stand_ins = self.table.point(ref=torch.zeros(p.n_coef, device=device) if delta else None,
+                                         new_ref=new_ref, out=out)
             self._decode()
             side.synchronize()
-            del stand_ins, reference
+            del stand_ins, new_ref, out
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):  # other threads may run
@@ -274,14 +269,13 @@ class DecodeGraph:
         self.blob[:used].copy_(self.host[:used], non_blocking=True)
         if self.delta:
             self.center.copy_(center)
-            reference = _through_table(reference.float())
             if reference.numel() != self.p.n_coef:
                 raise ValueError("the stream's reference does not fit this message")
         new_ref, out = self._outputs()
-        self.table.point(ref=reference if self.delta else None, new_ref=new_ref, out=out)
+        held = self.table.point(ref=reference.float() if self.delta else None, new_ref=new_ref, out=out)  # (kept until it ran)
         self.graph.replay()
         center = self.used_center.clone() if self.keep else None
-        return out, new_ref, center, bool(self.bad.item())  # (waits for the graph: the table is free again)
+        return out, new_ref, center, bool(self.bad.item())  # (waits for the graph: `held` may go)
 
 
 def decode_captured(frames: dict, spec: dict, p: Layout, geo: Geometry, out_dtype, delta: bool, keep: bool,

@@ -514,10 +514,9 @@ def _centre_and_spread(x: torch.Tensor, centre: torch.Tensor | None, through: di
     through = through or _through_args(x, None)
     spread = torch.empty(c, dtype=torch.float32, device=x.device)
     out = torch.empty_like(spread) if centre is None else centre
-    _centre_spread_kernel[(-(-c // MEDIAN_CHANNELS),)](x, out, spread, n, c, through["table_ptr"], R=STATS_ROWS,
-                                                       CB=MEDIAN_CHANNELS, HAS_CENTRE=centre is not None,
-                                                       THROUGH=through["THROUGH"], X_DT=through["X_DT"],
-                                                       num_warps=MEDIAN_WARPS)
+    _centre_spread_kernel[(-(-c // MEDIAN_CHANNELS),)](x, out, spread, n, c, R=STATS_ROWS, CB=MEDIAN_CHANNELS,
+                                                       HAS_CENTRE=centre is not None, num_warps=MEDIAN_WARPS,
+                                                       **through)
     return out, spread
 
 
@@ -640,8 +639,7 @@ def launch_encode(x: torch.Tensor, p: Layout, settings, inputs: Inputs, keep: bo
     center, spread = _centre_and_spread(x, inputs.center, through)
     centred_sq = torch.empty(p.batch * p.tokens, dtype=torch.float32, device=device)
     plain_sq = torch.empty_like(centred_sq)
-    _token_sq_kernel[(p.batch * p.tokens,)](x, center, centred_sq, plain_sq, through["table_ptr"], C=p.channels,
-                                            CB=1024, THROUGH=through["THROUGH"], X_DT=through["X_DT"])
+    _token_sq_kernel[(p.batch * p.tokens,)](x, center, centred_sq, plain_sq, C=p.channels, CB=1024, **through)
     if not delta:
         if p.h:
             loud_idx, n_loud = find_loud(centred_sq.view(p.batch, p.tokens)[:, p.n_txt:].reshape(-1), p)
