@@ -10,8 +10,8 @@ check they agree bit for bit).
 The kernels read what the gpu codec has, not what the reference takes: the encoder reads
 one packed int32 a symbol (`pack_symbols`: context, token, raw bits; the quantiser writes
 them, so the serial rANS loop does no tokenising and no context lookup); the decoder
-finds each symbol's context table itself (codec/gpu_layout.py says how) and writes
-dequantised float32 coefficients. No int64 symbol arrays cross memory.
+finds each symbol's context table itself (codec/gpu_layout.py says how) and writes the
+int16 values (ESCAPE_MARK where an escape is). No int64 symbol arrays cross memory.
 
 One warp runs 256 or more steps in series, so what a step waits for and how many
 instructions it issues set the time: the encoder loads the next eight steps' symbols while
@@ -26,7 +26,7 @@ import os
 
 import torch
 
-from .entropy import (ALPHABET, MAX_EXP, PROB_BITS, STATE_LOW, cumulative, detokenize, token_raw_bits,
+from .entropy import (ALPHABET, ESCAPE, MAX_EXP, PROB_BITS, STATE_LOW, cumulative, detokenize, token_raw_bits,
                       tokenize as reference_tokenize)
 from .gpu_layout import N_BUCKETS
 
@@ -48,6 +48,9 @@ LANES_PER_WARP = 32
 # bits. Its top part, context * 64 + token, indexes the (N_BUCKETS, 64) tables.
 KEY_SHIFT = 18
 TABLE_WIDTH = 64
+# What the decoder writes where an escape's value goes: no coded value is -32768 (those
+# from -32768 on escape; the quantiser's int16 range).
+ESCAPE_MARK = -32768
 # Slots per program of the decoder's tables kernel: each compares its slots with the 64
 # symbol ends (1024 took 0.27 ms on an H100: a (1024, 64) block spills its registers).
 SLOT_BLOCK = 128
@@ -71,7 +74,7 @@ def available(device: torch.device) -> bool:
 # pattern of them (== 1, divisible by 16): a carry of a new size would then compile again,
 # inside a sampler step, what GpuCodec.warm_up compiled before. One variant serves every size.
 SIZE_ARGS = ("STRIDE", "N_PROGRAMS", "ESC_CAP", "KEPT", "share", "GROUPS", "T", "N_TXT", "H", "W", "HB", "WB",
-             "TEXT_TILES", "BLOCK_TILES", "TEXT_ROWS", "FIXED_ROWS", "n_loud", "C", "n", "CAP")
+             "TEXT_TILES", "BLOCK_TILES", "TEXT_ROWS", "FIXED_ROWS", "n_loud", "C", "n", "CAP", "ROUNDS")
 
 
 def any_size(fn):
@@ -242,9 +245,9 @@ if triton is not None:
 
     @any_size
     def _decode_kernel(words_ptr, start_ptr, count_ptr, state_ptr, total_ptr, row_base_ptr, bucket_ptr, fc_ptr, slot_ptr,
-                       token_ptr, steps_ptr, coef_ptr, bad_ptr, n, C: tl.constexpr, STEPS: tl.constexpr,
+                       token_ptr, value_ptr, marks_ptr, bad_ptr, n, C: tl.constexpr, STEPS: tl.constexpr,
                        LANES: tl.constexpr, NB: tl.constexpr, PB: tl.constexpr, BALLOT: tl.constexpr,
-                       PREFETCH: tl.constexpr):
+                       PREFETCH: tl.constexpr, ESC: tl.constexpr):
         g = tl.program_id(0)
         lanes = tl.arange(0, LANES)
         total_words = tl.load(total_ptr).to(tl.int32)
@@ -252,30 +255,30 @@ if triton is not None:
         ptr = tl.zeros((LANES,), tl.int32) + start + tl.load(count_ptr + g)
         x = tl.load(state_ptr + g.to(tl.int64) * LANES + lanes).to(tl.uint32, bitcast=True)
         bad = tl.zeros((LANES,), tl.int32)
+        marks = tl.zeros((LANES,), tl.int32)  # escapes met (the gpu codec checks them against its list)
         offs = g * STEPS * LANES + lanes
         # each lane's coefficient row and channel, moved on by LANES a step (no division
         # in the loop)
         row = offs // C
         ch = offs - row * C
         # what depends only on a step's position loads ahead, carried round the loop: the
-        # table of the step after next and the next step's size. Loaded in the step that
-        # uses them, they were 26 % of the stalls on an H100 (a GPU issues in order: a
-        # step waits for them even though its state does not).
+        # table of the step after next. Loaded in the step that uses it, it (and the step
+        # size, which the inverse now applies) were 26 % of the stalls on an H100 (a GPU
+        # issues in order: a step waits for them even though its state does not).
         cx = _bucket(row, ch, offs < n, row_base_ptr, bucket_ptr, NB)
-        step = tl.load(steps_ptr + ch, mask=offs < n, other=0.0)
         ch, row = _advance(ch, row, C, LANES)
         cx_next = _bucket(row, ch, offs + LANES < n, row_base_ptr, bucket_ptr, NB)
         for i in range(STEPS):
             valid = offs < n
             ch_next2, row_next2 = _advance(ch, row, C, LANES)
             cx_next2 = _bucket(row_next2, ch_next2, offs + 2 * LANES < n, row_base_ptr, bucket_ptr, NB)
-            step_next = tl.load(steps_ptr + ch, mask=offs + LANES < n, other=0.0)
             slot = x & ((1 << PB) - 1)
             t = tl.load(slot_ptr + cx * (1 << PB) + slot.to(tl.int32), mask=valid, other=0).to(tl.int32)
             fc = tl.load(fc_ptr + cx * 64 + t, mask=valid, other=1 << 16).to(tl.uint32)
             info = tl.load(token_ptr + t, mask=valid, other=0)
             f = fc >> 16
             bad |= (valid & (f == 0)).to(tl.int32)
+            marks += (valid & (t == ESC)).to(tl.int32)
             f = tl.maximum(f, 1)
             x = tl.where(valid, (f * (x >> PB) + slot) - (fc & 0xFFFF), x)
             nr = (info >> 20).to(tl.uint32)
@@ -287,13 +290,14 @@ if triton is not None:
             x = tl.where(need2, (x << 16) | w2, x)
             v = (info & 0xFFFFF) | (raw >> 1)
             q = tl.where((raw & 1) != 0, -v, v)
-            tl.store(coef_ptr + offs, q.to(tl.float32) * step, mask=valid)
+            tl.store(value_ptr + offs, q.to(tl.int16), mask=valid)  # an escape: 32768, as -32768
             offs += LANES
-            cx, cx_next, step = cx_next, cx_next2, step_next
+            cx, cx_next = cx_next, cx_next2
             ch, row = ch_next2, row_next2
         bad |= (x != 65536).to(tl.int32)
         bad |= (ptr != start).to(tl.int32)
         tl.atomic_or(bad_ptr + lanes * 0, bad, mask=bad != 0)
+        tl.atomic_add(marks_ptr + lanes * 0, marks, mask=marks != 0)
 
     @triton.jit
     def _decode_tables_kernel(freq_ptr, fc_ptr, slot_ptr, ALPHA: tl.constexpr, PB: tl.constexpr,
@@ -363,9 +367,11 @@ def device_constant(name: str, device, make) -> torch.Tensor:
 
 
 def _token_table(device) -> torch.Tensor:
-    """(64,) int32: a token's value with zero raw bits | its raw bit count << 20."""
+    """(64,) int32: a token's value with zero raw bits | its raw bit count << 20. The
+    escape token's value is 32768 (no coded value reaches it): as int16, ESCAPE_MARK."""
     t = torch.arange(TABLE_WIDTH).clamp(max=ALPHABET - 1)
-    return (detokenize(t, torch.zeros_like(t)) | (token_raw_bits(t) << 20)).to(torch.int32).to(device)
+    value = torch.where(t == ESCAPE, -ESCAPE_MARK, detokenize(t, torch.zeros_like(t)))
+    return (value | (token_raw_bits(t) << 20)).to(torch.int32).to(device)
 
 
 def encode(symbols: torch.Tensor, n: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor], geo,
@@ -391,17 +397,20 @@ def gather_words(buf: torch.Tensor, counts: torch.Tensor, out: torch.Tensor) -> 
 
 
 def decode(words: torch.Tensor, total_words: torch.Tensor, group_words: torch.Tensor, states: torch.Tensor,
-           buckets: torch.Tensor, classes: torch.Tensor, freq: torch.Tensor, steps_c: torch.Tensor, geo,
-           bad: torch.Tensor) -> torch.Tensor:
-    """Decode to dequantised float32 coefficients (escapes as 0), plus one spare slot at
-    the end (a place for escapes that are not there). `classes`: each coefficient row's
-    class (gpu_layout.row_classes), which picks its row of `buckets`. `words` may be longer than the
-    stream: `total_words` (a 1-element device tensor) says how much is. Corruption sets
-    `bad` (a 1-element int32 device tensor) instead of raising: the caller checks it once."""
+           buckets: torch.Tensor, classes: torch.Tensor, freq: torch.Tensor, geo, bad: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode to the quantised values, (n,) int16: an escape's place holds ESCAPE_MARK
+    (the value itself travels beside the words), and how many there are ((1,) int32).
+    Not dequantised: half the bytes of float32 coefficients to write here and to read
+    again (the gpu codec's inverse kernel applies the steps). `classes`: each coefficient row's class (gpu_layout.row_classes),
+    which picks its row of `buckets`. `words` may be longer than the stream:
+    `total_words` (a 1-element device tensor) says how much is. Corruption sets `bad` (a
+    1-element int32 device tensor) instead of raising: the caller checks it once."""
     device = words.device
     G, S, W = geo.groups, geo.steps, geo.lanes
     starts = (torch.cumsum(group_words.to(torch.int64), 0) - group_words).to(torch.int32).contiguous()
-    coef = torch.empty(geo.n + 1, dtype=torch.float32, device=device)
+    values = torch.empty(geo.n, dtype=torch.int16, device=device)
+    marks = torch.zeros(1, dtype=torch.int32, device=device)
     if words.numel() == 0:
         words = torch.zeros(1, dtype=torch.int16, device=device)
     tables = freq.shape[0]
@@ -413,8 +422,7 @@ def decode(words: torch.Tensor, total_words: torch.Tensor, group_words: torch.Te
     row_bases = (classes * channels).to(torch.int32)  # where each row's tables start in `buckets`
     _decode_kernel[(G,)](words, starts, group_words.to(torch.int32).contiguous(), states.contiguous(), total_words,
                          row_bases, buckets, fc, slots,
-                         device_constant("tokens", device, _token_table),
-                         steps_c.contiguous(), coef, bad, geo.n, C=channels, STEPS=S, LANES=W, NB=N_BUCKETS,
-                         PB=PROB_BITS, BALLOT=_ballot(W), PREFETCH=0 if INTERPRETED else PREFETCH_WORDS,
-                         num_warps=max(1, W // LANES_PER_WARP))
-    return coef
+                         device_constant("tokens", device, _token_table), values, marks, bad, geo.n, C=channels,
+                         STEPS=S, LANES=W, NB=N_BUCKETS, PB=PROB_BITS, BALLOT=_ballot(W),
+                         PREFETCH=0 if INTERPRETED else PREFETCH_WORDS, ESC=ESCAPE, num_warps=max(1, W // LANES_PER_WARP))
+    return values, marks

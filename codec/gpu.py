@@ -119,6 +119,8 @@ def _check_small_parts(frames: dict, words_bytes: int, n_coef: int) -> None:
     esc_pos = np.frombuffer(frames["esc_pos"], dtype=np.int64)
     if ((esc_pos < 0) | (esc_pos >= n_coef)).any():
         raise CodecError("gpu codec escape positions point outside the tensor")
+    if (esc_pos[1:] <= esc_pos[:-1]).any():  # the fused decoder finds them by a binary search
+        raise CodecError("gpu codec escape positions are not in ascending order")
     if not np.isfinite(np.frombuffer(frames["esc_val"], dtype=np.float32)).all():
         raise CodecError("gpu codec escape values are not finite")
 

@@ -9,8 +9,9 @@ format in torch ops, and the documentation of each stage):
 2. step fit without host syncs: 16 candidate steps spaced by sqrt(2), then 16 spaced by
    2^(1/32) around the best, each pass on a sample of the (tile, channel group)
    programs. Each try recomputes the 8x8 DCT from the input (cheaper than storing
-   float32 coefficients) and quantises with every candidate; the largest step within
-   the error target wins, picked on the device;
+   float32 coefficients; for a bf16 carry as bf16 tensor-core products, _forward_tile)
+   and quantises with every candidate; the largest step within the error target wins,
+   picked on the device;
 3. quantise: the symbols (each value's token, raw bits and context table, packed in one
    int32 for the rANS encoder), the escapes, the (context, token) keys of 1 row in 16 or
    64 (HIST_SHARE) for the rANS tables, and the temporal reference when there is one;
@@ -22,9 +23,10 @@ Between the big kernels, small ones do the glue (the fit's candidates and choice
 context tables, the escapes' order): each torch op costs a launch and ~2 us of GPU time,
 and an encode had ~150 of them.
 
-Decode: rANS straight to dequantised coefficients, the escapes put back, then one pass
-that adds the temporal reference, runs the inverse DCT, adds the centre and writes the
-output dtype. Checks of the message's contents collect in one device flag, read once.
+Decode: rANS straight to the int16 values (a mark where an escape goes), then one pass
+that applies the steps, puts the escapes in, adds the temporal reference, runs the
+inverse DCT, adds the centre and writes the output dtype. Checks of the message's
+contents collect in one device flag, read once.
 
 codec/gpu_graphs.py runs both as CUDA graphs, one per shape: launched one by one, an
 encode's ~70 launches cost more host time than the GPU spends on them.
@@ -42,12 +44,12 @@ from .entropy_triton import any_size, device_constant
 from .entropy import ALPHABET, ESCAPE, EXACT_TOKENS, MAX_EXP, PROB_SCALE, Geometry
 from .gpu_layout import (BUCKET_OFFSET, LOUD_CLASS, MAX_SHIFT, N_BUCKETS, N_CLASSES, ROWS_PER_BLOCK, STATS_ROWS,
                          TEXT_CLASS, Layout, aligned, band_of_rows, channel_centre, channel_spread, channel_steps,
-                         dct2_matrix, find_loud, row_classes, sample_rows)
+                         dct2_bf16_pieces, dct2_matrix, dct2_piece_sums, find_loud, row_classes, sample_rows)
 
 try:
     import triton
     import triton.language as tl
-    from .entropy_triton import tokenize
+    from .entropy_triton import ESCAPE_MARK, tokenize
 except ImportError:  # pragma: no cover - depends on the machine
     triton = None
 
@@ -83,6 +85,11 @@ ESCAPE_CAPACITY = 4096
 PRECISION = "tf32x3"
 # The step fit only estimates errors and coefficient sizes: one TF32 product does.
 FIT_PRECISION = "tf32"
+# A bf16 carry (the usual one) takes the forward DCT as bf16 products instead
+# (_forward_tile): three of them (the float32 matrix whole) to quantise, two (16 bits of
+# it) for the fit.
+SPLIT = 3
+FIT_SPLIT = 2
 NUM_WARPS = 4  # per tile program
 # Programs per multiprocessor of the persistent inverse kernel (bench/tile_sweep.py,
 # H100: 4 / 8 / 16 / 32 took 0.104 / 0.102 / 0.104 / 0.106 ms, one program a tile 0.117);
@@ -107,6 +114,9 @@ if triton is not None:
     SLOT_REF = tl.constexpr(1)
     SLOT_NEW_REF = tl.constexpr(2)
     SLOT_OUT = tl.constexpr(3)
+    # Triton's interpreter multiplies bf16 matrices as their 16-bit patterns (3.9): there
+    # the pieces and the carry go to float32 first, which gives the same (exact) products.
+    BF16_DOT = tl.constexpr(not entropy_triton.INTERPRETED)
 
     @triton.jit
     def _through(table_ptr, slot: tl.constexpr, DT: tl.constexpr):
@@ -161,36 +171,72 @@ if triton is not None:
         return sym, ok, cls, xrow, own, img
 
     @triton.jit
-    def _load_dct(d2_ptr, TRANSPOSE: tl.constexpr):
-        """The 64x64 block DCT (gpu_layout.dct2_matrix), or its transpose: the inverse."""
+    def _load_forward(d2_ptr, pieces_ptr, sums_ptr, SPLIT: tl.constexpr):
+        """The forward block DCT as _forward_tile takes it: (float32 matrix, -, -, -) for
+        SPLIT 0; else its first SPLIT bf16 pieces (gpu_layout.dct2_bf16_pieces; the ones
+        not used repeat the first) and the row sums of their total."""
         r = tl.arange(0, 64)
-        if TRANSPOSE:
-            return tl.load(d2_ptr + r[None, :] * 64 + r[:, None])
-        return tl.load(d2_ptr + r[:, None] * 64 + r[None, :])
+        at = r[:, None] * 64 + r[None, :]
+        # (one return at the end: Triton compiles no return inside a branch for a GPU,
+        # though its interpreter runs one)
+        if SPLIT == 0:
+            hi = tl.load(d2_ptr + at)
+            sums = tl.zeros((64,), tl.float32)
+        else:
+            hi = tl.load(pieces_ptr + at)
+            sums = tl.load(sums_ptr + (SPLIT - 1) * 64 + r)
+        mid = hi
+        lo = hi
+        if SPLIT >= 2:
+            mid = tl.load(pieces_ptr + 4096 + at)
+        if SPLIT >= 3:
+            lo = tl.load(pieces_ptr + 8192 + at)
+        return hi, mid, lo, sums
 
     @triton.jit
-    def _forward_tile(x_ptr, center_ptr, loud_mask_ptr, d2, tile, block, ok, xrow, img, TEXT_TILES, BLOCK_TILES,
-                      C: tl.constexpr, CB: tl.constexpr, PREC: tl.constexpr):
+    def _forward_tile(x_ptr, center_ptr, loud_mask_ptr, dct, tile, block, ok, xrow, img, TEXT_TILES, BLOCK_TILES,
+                      C: tl.constexpr, CB: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr):
         """Centred coefficients of one tile's rows for channel block `block` (rows that do
-        not exist: 0). -> (coefficients, channels, channel exists, element exists)."""
+        not exist: 0). `dct`: _load_forward's. -> (coefficients, channels, channel exists,
+        element exists).
+
+        SPLIT (a bf16 carry): the block DCT as SPLIT bf16 tensor-core products of the
+        uncentred carry, smallest piece first, less the centre times the pieces' row sums.
+        Against centring in float32 and three TF32 products (PREC, for other dtypes) this
+        stages half the bytes for the tensor cores and splits nothing per tile."""
+        d_hi, d_mid, d_lo, sums = dct
         ch = block * CB + tl.arange(0, CB)
         cm = ch < C
         m = ok[:, None] & cm[None, :]
-        xv = tl.load(x_ptr + xrow.to(tl.int64)[:, None] * C + ch[None, :], mask=m, other=0.0).to(tl.float32)
-        xv = tl.where(m, xv - tl.load(center_ptr + ch, mask=cm, other=0.0)[None, :], 0.0)
+        xv = tl.load(x_ptr + xrow.to(tl.int64)[:, None] * C + ch[None, :], mask=m, other=0.0)
+        centre = tl.load(center_ptr + ch, mask=cm, other=0.0)
         if (tile >= TEXT_TILES) & (tile < TEXT_TILES + BLOCK_TILES):
-            loud = tl.load(loud_mask_ptr + img) != 0
-            xv = tl.where(loud[:, None], 0.0, xv)  # a loud token's own row carries it
-            xv = tl.dot(d2, xv, input_precision=PREC)
-        return xv, ch, cm, m
+            loud = tl.load(loud_mask_ptr + img) != 0  # a loud token's own row carries it
+            if SPLIT == 0:
+                coef = tl.where(m & (loud[:, None] == 0), xv.to(tl.float32) - centre[None, :], 0.0)
+                coef = tl.dot(d_hi, coef, input_precision=PREC)
+            else:  # the centre is a bf16 value (gpu_layout.channel_centre): a loud row becomes it
+                xb = tl.where(loud[:, None], centre.to(tl.bfloat16)[None, :], xv)
+                if not BF16_DOT:
+                    xb, d_hi, d_mid, d_lo = xb.to(tl.float32), d_hi.to(tl.float32), d_mid.to(tl.float32), d_lo.to(
+                        tl.float32)
+                coef = tl.zeros((64, CB), tl.float32)
+                if SPLIT >= 3:
+                    coef = tl.dot(d_lo, xb, coef)
+                if SPLIT >= 2:
+                    coef = tl.dot(d_mid, xb, coef)
+                coef = tl.dot(d_hi, xb, coef) - sums[:, None] * centre[None, :]
+        else:
+            coef = tl.where(m, xv.to(tl.float32) - centre[None, :], 0.0)
+        return coef, ch, cm, m
 
     @any_size
-    def _fit_kernel(x_ptr, center_ptr, loud_mask_ptr, loud_idx_ptr, n_loud_ptr, d2_ptr, ref_ptr, steps_ptr, inv_ptr,
-                    err_ptr, sq_ptr, count_ptr, STRIDE, N_PROGRAMS, GROUPS, T, N_TXT, H, W, HB, WB, TEXT_TILES, BLOCK_TILES,
-                    TEXT_ROWS, FIXED_ROWS, table_ptr, C: tl.constexpr, CB: tl.constexpr, CHUNKS: tl.constexpr,
-                    K: tl.constexpr, HAS_REF: tl.constexpr, SQ: tl.constexpr, TEXT: tl.constexpr,
-                    LOUD: tl.constexpr, NCLS: tl.constexpr, PREC: tl.constexpr, THROUGH: tl.constexpr,
-                    X_DT: tl.constexpr):
+    def _fit_kernel(x_ptr, center_ptr, loud_mask_ptr, loud_idx_ptr, n_loud_ptr, d2_ptr, pieces_ptr, sums_ptr, ref_ptr,
+                    steps_ptr, inv_ptr, err_ptr, sq_ptr, count_ptr, STRIDE, N_PROGRAMS, GROUPS, T, N_TXT, H, W, HB, WB,
+                    TEXT_TILES, BLOCK_TILES, TEXT_ROWS, FIXED_ROWS, table_ptr, C: tl.constexpr, CB: tl.constexpr,
+                    CHUNKS: tl.constexpr, K: tl.constexpr, HAS_REF: tl.constexpr, SQ: tl.constexpr,
+                    TEXT: tl.constexpr, LOUD: tl.constexpr, NCLS: tl.constexpr, PREC: tl.constexpr,
+                    SPLIT: tl.constexpr, THROUGH: tl.constexpr, X_DT: tl.constexpr):
         """Squared error of every candidate step over this program's tile and channels
         (one partial sum per program and candidate: no contended atomics); with SQ, each
         (class, channel)'s sum of squared coefficients too. THROUGH: the carry and the
@@ -204,14 +250,14 @@ if triton is not None:
         n_loud = tl.load(n_loud_ptr)
         sym, ok, cls, xrow, own, img = _rows(tile, T, N_TXT, H, W, HB, WB, TEXT_TILES, BLOCK_TILES, TEXT_ROWS,
                                              FIXED_ROWS, n_loud, loud_idx_ptr, TEXT, LOUD)
-        d2 = _load_dct(d2_ptr, False)
+        dct = _load_forward(d2_ptr, pieces_ptr, sums_ptr, SPLIT)
         kk = tl.arange(0, K)
         # per candidate and row: one reduction across the program's warps at the end, not
         # one per candidate
         acc = tl.zeros((K, 64), tl.float32)
         for j in range(CHUNKS):
-            coef, ch, cm, m = _forward_tile(x_ptr, center_ptr, loud_mask_ptr, d2, tile, (p % GROUPS) * CHUNKS + j,
-                                            ok, xrow, img, TEXT_TILES, BLOCK_TILES, C, CB, PREC)
+            coef, ch, cm, m = _forward_tile(x_ptr, center_ptr, loud_mask_ptr, dct, tile, (p % GROUPS) * CHUNKS + j,
+                                            ok, xrow, img, TEXT_TILES, BLOCK_TILES, C, CB, PREC, SPLIT)
             if HAS_REF:
                 coef -= tl.load(ref_ptr + sym.to(tl.int64)[:, None] * C + ch[None, :], mask=m, other=0.0)
             if SQ:  # sampled: each cell's sum of squares and how many rows it saw
@@ -315,13 +361,13 @@ if triton is not None:
         tl.store(rcp_ptr + t * 64 + j, tl.where(a & (freq > 0), rcp, float("inf")))
 
     @any_size
-    def _quantise_kernel(x_ptr, center_ptr, loud_mask_ptr, loud_idx_ptr, n_loud_ptr, d2_ptr, ref_ptr, new_ref_ptr, steps_ptr,
-                         inv_ptr, bucket_ptr, sym_ptr, key_ptr, esc_count_ptr, esc_pos_ptr, esc_val_ptr,
-                         ESC_CAP, KEPT, GROUPS, T, N_TXT, H, W, HB, WB, TEXT_TILES, BLOCK_TILES, TEXT_ROWS, FIXED_ROWS,
-                         table_ptr, C: tl.constexpr, CB: tl.constexpr, CHUNKS: tl.constexpr, HAS_REF: tl.constexpr,
-                         WRITE_REF: tl.constexpr, TEXT: tl.constexpr, LOUD: tl.constexpr,
+    def _quantise_kernel(x_ptr, center_ptr, loud_mask_ptr, loud_idx_ptr, n_loud_ptr, d2_ptr, pieces_ptr, sums_ptr,
+                         ref_ptr, new_ref_ptr, steps_ptr, inv_ptr, bucket_ptr, sym_ptr, key_ptr, esc_count_ptr,
+                         esc_pos_ptr, esc_val_ptr, ESC_CAP, KEPT, GROUPS, T, N_TXT, H, W, HB, WB, TEXT_TILES, BLOCK_TILES,
+                         TEXT_ROWS, FIXED_ROWS, table_ptr, C: tl.constexpr, CB: tl.constexpr, CHUNKS: tl.constexpr,
+                         HAS_REF: tl.constexpr, WRITE_REF: tl.constexpr, TEXT: tl.constexpr, LOUD: tl.constexpr,
                          EXACT: tl.constexpr, MAXE: tl.constexpr, ESC: tl.constexpr, PREC: tl.constexpr,
-                         THROUGH: tl.constexpr, X_DT: tl.constexpr):
+                         SPLIT: tl.constexpr, THROUGH: tl.constexpr, X_DT: tl.constexpr):
         """THROUGH: the carry, the reference and the new reference come from the address
         table (at table_ptr)."""
         if THROUGH:
@@ -333,10 +379,10 @@ if triton is not None:
         n_loud = tl.load(n_loud_ptr)
         sym, ok, cls, xrow, own, img = _rows(tile, T, N_TXT, H, W, HB, WB, TEXT_TILES, BLOCK_TILES, TEXT_ROWS,
                                              FIXED_ROWS, n_loud, loud_idx_ptr, TEXT, LOUD)
-        d2 = _load_dct(d2_ptr, False)
+        dct = _load_forward(d2_ptr, pieces_ptr, sums_ptr, SPLIT)
         for j in range(CHUNKS):
-            coef, ch, cm, m = _forward_tile(x_ptr, center_ptr, loud_mask_ptr, d2, tile, (p % GROUPS) * CHUNKS + j,
-                                            ok, xrow, img, TEXT_TILES, BLOCK_TILES, C, CB, PREC)
+            coef, ch, cm, m = _forward_tile(x_ptr, center_ptr, loud_mask_ptr, dct, tile, (p % GROUPS) * CHUNKS + j,
+                                            ok, xrow, img, TEXT_TILES, BLOCK_TILES, C, CB, PREC, SPLIT)
             at = sym.to(tl.int64)[:, None] * C + ch[None, :]
             if HAS_REF:
                 ref = tl.load(ref_ptr + at, mask=m, other=0.0)
@@ -389,24 +435,51 @@ if triton is not None:
             tl.store(val_out_ptr + i, tl.load(val_ptr + slot, mask=filled, other=0.0), mask=filled)
 
     @any_size
-    def _inverse_kernel(coef_ptr, ref_ptr, new_ref_ptr, center_ptr, loud_mask_ptr, loud_idx_ptr, n_loud, d2_ptr,
+    def _escape_rows_kernel(pos_ptr, n_esc_ptr, value_ptr, marks_ptr, first_ptr, last_ptr, bad_ptr, CAP, C,
+                            TEXT_TILES, BLOCK_TILES, TEXT_ROWS, FIXED_ROWS, MARK: tl.constexpr, BLOCK: tl.constexpr):
+        """Where the inverse kernel finds each tile's escapes: the tile's first listed escape
+        and one past its last (the list is in order of position, so a tile's 64 rows hold
+        a run of it). Checks that the escapes and the decoder's marks are the same places:
+        each listed position holds a mark, and there are as many marks as escapes; else
+        `bad`. gpu.py has checked that the positions lie inside the tensor, in order."""
+        k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        n_esc = tl.load(n_esc_ptr)
+        listed = k < tl.minimum(n_esc, CAP)
+        pos = tl.load(pos_ptr + k, mask=listed, other=0)
+        row = pos // C
+        tile = tl.where(row < TEXT_ROWS, row // 64,
+                        tl.where(row < FIXED_ROWS, TEXT_TILES + (row - TEXT_ROWS) // 64,
+                                 TEXT_TILES + BLOCK_TILES + (row - FIXED_ROWS) // 64))
+        tl.atomic_min(first_ptr + tile, k, mask=listed)
+        tl.atomic_max(last_ptr + tile, k + 1, mask=listed)
+        unmarked = listed & (tl.load(value_ptr + pos, mask=listed, other=MARK) != MARK)
+        miscounted = (k == 0) & (tl.load(marks_ptr).to(tl.int64) != n_esc)
+        wrong = (unmarked | miscounted).to(tl.int32)
+        tl.atomic_or(bad_ptr + k * 0, wrong, mask=wrong != 0)
+
+    @any_size
+    def _inverse_kernel(value_ptr, steps_ptr, first_ptr, last_ptr, esc_pos_ptr, esc_val_ptr, ref_ptr, new_ref_ptr, center_ptr, loud_mask_ptr, loud_idx_ptr, n_loud, d2_ptr,
                         out_ptr, table_ptr, N_PROGRAMS, GROUPS, T, N_TXT, H, W, HB, WB, TEXT_TILES, BLOCK_TILES,
                         TEXT_ROWS, FIXED_ROWS,
                         C: tl.constexpr, CB: tl.constexpr, CHUNKS: tl.constexpr, HAS_REF: tl.constexpr,
                         WRITE_REF: tl.constexpr, TEXT: tl.constexpr, LOUD: tl.constexpr, PREC: tl.constexpr,
                         THROUGH: tl.constexpr, OUT_DT: tl.constexpr):
-        """THROUGH: the reference, the new reference and the output come from the address
+        """The decoder's int16 values (entropy_triton.decode) times their channel's step,
+        the escapes' values in their places (each tile's run of the list, from
+        _escape_rows_kernel), the reference added, the inverse DCT, the centre: the output.
+        THROUGH: the reference, the new reference and the output come from the address
         table (their pointer arguments are not read)."""
         if THROUGH:
             ref_ptr = _through(table_ptr, SLOT_REF, tl.float32)
             new_ref_ptr = _through(table_ptr, SLOT_NEW_REF, tl.float32)
             out_ptr = _through(table_ptr, SLOT_OUT, OUT_DT)
-        d2t = _load_dct(d2_ptr, True)
+        d2t = tl.load(d2_ptr + tl.arange(0, 64)[None, :] * 64 + tl.arange(0, 64)[:, None])  # the DCT's transpose
         # persistent: each program loads the inverse DCT once and takes tiles until none
         # are left (H100: 0.117 -> 0.102 ms; the quantiser, made persistent alike, went
         # 0.204 -> 0.30 ms, so it is not)
         for p in range(tl.program_id(0), N_PROGRAMS, tl.num_programs(0)):
             tile = p // GROUPS
+            escapes = tl.load(first_ptr + tile), tl.load(last_ptr + tile)  # (loaded early: used below)
             sym, ok, cls, xrow, own, img = _rows(tile, T, N_TXT, H, W, HB, WB, TEXT_TILES, BLOCK_TILES, TEXT_ROWS,
                                                  FIXED_ROWS, n_loud, loud_idx_ptr, TEXT, LOUD)
             block = (tile >= TEXT_TILES) & (tile < TEXT_TILES + BLOCK_TILES)
@@ -417,7 +490,13 @@ if triton is not None:
                 cm = ch < C
                 m = ok[:, None] & cm[None, :]
                 at = sym.to(tl.int64)[:, None] * C + ch[None, :]
-                c = tl.load(coef_ptr + at, mask=m, other=0.0)
+                c = tl.load(value_ptr + at, mask=m, other=0).to(tl.float32)
+                c *= tl.load(steps_ptr + ch, mask=cm, other=0.0)[None, :]
+                # one at a time, scalars: a search over the tile's elements (or any branch
+                # that holds them) took 25 more registers and a block of 4 warps less a
+                # multiprocessor; the inverse went 0.150 -> 0.185 ms (H100)
+                for e in range(escapes[0], escapes[1]):
+                    c = tl.where(at == tl.load(esc_pos_ptr + e), tl.load(esc_val_ptr + e), c)
                 if HAS_REF:
                     c += tl.load(ref_ptr + at, mask=m, other=0.0)
                 if WRITE_REF:
@@ -491,6 +570,8 @@ class _Grid:
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
         self.persistent = min(self.programs, sms * PROGRAMS_PER_SM) if sms and PROGRAMS_PER_SM else self.programs
         self.d2 = device_constant("dct2", device, dct2_matrix)  # the 64x64 block DCT
+        self.dct_pieces = (device_constant("dct2_bf16_pieces", device, dct2_bf16_pieces),
+                           device_constant("dct2_piece_sums", device, dct2_piece_sums))
 
     def args(self) -> dict:
         p = self.layout
@@ -595,8 +676,8 @@ class _StepFit:
         sq, count = cells if cells is not None else (part, part)
         _fit_kernel[(n_prog,)](x, *common["pointers"], ref if ref is not None else x, candidates[1], candidates[2],
                                part, sq, count, stride, grid.programs, K=CANDIDATES, HAS_REF=ref is not None,
-                               SQ=cells is not None, NCLS=N_CLASSES, **through,
-                               **(grid.args() | {"PREC": FIT_PRECISION}))
+                               SQ=cells is not None, NCLS=N_CLASSES, SPLIT=FIT_SPLIT if common["split"] else 0,
+                               **through, **(grid.args() | {"PREC": FIT_PRECISION}))
         return part.sum(0, dtype=torch.float64), grid.programs / n_prog, candidates[0]
 
 
@@ -648,7 +729,8 @@ def launch_encode(x: torch.Tensor, p: Layout, settings, inputs: Inputs, keep: bo
             n_loud = torch.zeros((), dtype=torch.int64, device=device)
     grid = _Grid(p, device)
     loud_mask = _loud_mask(loud_idx, p.image_tokens)
-    common = {"pointers": (center, loud_mask, loud_idx, n_loud.to(torch.int32).reshape(1), grid.d2)}
+    common = {"pointers": (center, loud_mask, loud_idx, n_loud.to(torch.int32).reshape(1), grid.d2, *grid.dct_pieces),
+              "split": x.dtype == torch.bfloat16}
     tot_sq = plain_sq.sum(dtype=torch.float64)
     numel = p.batch * p.tokens * p.channels
     ref = inputs.ref
@@ -684,7 +766,8 @@ def launch_encode(x: torch.Tensor, p: Layout, settings, inputs: Inputs, keep: bo
                                        new_ref if new_ref is not None else x, steps_c, inv_c, buckets,
                                        symbols, keys, esc_count, esc_pos, esc_val, ESCAPE_CAPACITY, kept,
                                        HAS_REF=delta, WRITE_REF=keep, EXACT=EXACT_TOKENS,
-                                       MAXE=MAX_EXP, ESC=ESCAPE, **through, **grid.args())
+                                       MAXE=MAX_EXP, ESC=ESCAPE, SPLIT=SPLIT if common["split"] else 0, **through,
+                                       **grid.args())
     hist = torch.histc(keys, bins=HIST_BINS, min=0, max=HIST_BINS)  # keys < 0 (no symbol) fall outside
     tables = (torch.empty(HIST_BINS, dtype=torch.int32, device=device),
               torch.empty(HIST_BINS, dtype=torch.float64, device=device))
@@ -812,25 +895,41 @@ def decode(pieces: dict, layout: Layout, geo: Geometry, center: torch.Tensor, re
     if total_words is None:
         total_words = torch.full((1,), pieces["words"].numel(), dtype=torch.int64, device=device)
     classes = row_classes(p, device, band=device_constant("band", device, band_of_rows))
-    coef = entropy_triton.decode(pieces["words"], total_words, pieces["group_words"], pieces["states"],
-                                 pieces["buckets"], classes, pieces["freq"], steps_c, geo, bad)
-    esc_pos = pieces["esc_pos"]
-    if esc_pos.numel():
-        listed = torch.arange(esc_pos.numel(), device=device) < pieces.get("n_esc", esc_pos.numel())
-        coef.scatter_(0, torch.where(listed, esc_pos, n), pieces["esc_val"])  # the rest: the spare slot
-    coef = coef[:n]
+    values, marks = entropy_triton.decode(pieces["words"], total_words, pieces["group_words"], pieces["states"],
+                                          pieces["buckets"], classes, pieces["freq"], geo, bad)
     grid = _Grid(p, device)
+    esc = _escape_rows(pieces, grid, values, marks, bad)
     loud_idx = pieces["loud"]
     if table is None:
-        new_ref = torch.empty_like(coef) if keep else None
+        new_ref = torch.empty(n, dtype=torch.float32, device=device) if keep else None
         out = torch.empty(p.batch * p.tokens, p.channels, dtype=out_dtype, device=device)
-        pointers = (reference if reference is not None else coef, new_ref if new_ref is not None else coef, out)
+        pointers = (reference if reference is not None else steps_c, new_ref if new_ref is not None else steps_c, out)
     else:
         new_ref = out = None
-        pointers = (coef, coef, coef)  # not read: the kernel takes them from the table
-    _inverse_kernel[(grid.persistent,)](coef, pointers[0], pointers[1], center.contiguous(),
-                                      _loud_mask(loud_idx, p.image_tokens), loud_idx, len(p.loud), grid.d2,
-                                      pointers[2], table if table is not None else coef, grid.programs,
-                                      HAS_REF=reference is not None, WRITE_REF=keep, THROUGH=table is not None,
-                                      OUT_DT=_TRITON_DTYPES[out_dtype], **grid.args())
+        pointers = (steps_c, steps_c, steps_c)  # not read: the kernel takes them from the table
+    _inverse_kernel[(grid.persistent,)](values, steps_c, *esc, pointers[0], pointers[1], center.contiguous(),
+                                        _loud_mask(loud_idx, p.image_tokens), loud_idx, len(p.loud), grid.d2,
+                                        pointers[2], table if table is not None else steps_c, grid.programs,
+                                        HAS_REF=reference is not None, WRITE_REF=keep, THROUGH=table is not None,
+                                        OUT_DT=_TRITON_DTYPES[out_dtype], **grid.args())
     return out, new_ref, bad
+
+
+def _escape_rows(pieces: dict, grid: _Grid, values: torch.Tensor, marks: torch.Tensor, bad: torch.Tensor) -> tuple:
+    """-> the inverse kernel's escape arguments: each tile's first listed escape and one
+    past its last (an empty run: none), the positions and the values. Runs where there
+    are no escapes too: the decoder must have marked none."""
+    p, device = grid.layout, values.device
+    pos, val = pieces["esc_pos"], pieces["esc_val"]
+    if pos.numel() == 0:  # (the kernels still take a pointer)
+        pos, val = torch.zeros(1, dtype=torch.int64, device=device), torch.zeros(1, dtype=torch.float32, device=device)
+    n_esc = pieces.get("n_esc")  # a captured graph's: on the device
+    if n_esc is None:
+        n_esc = torch.full((1,), pieces["esc_pos"].numel(), dtype=torch.int64, device=device)
+    first = torch.full((grid.tiles,), 2 ** 31 - 1, dtype=torch.int32, device=device)
+    last = torch.zeros_like(first)
+    block = 256
+    _escape_rows_kernel[(-(-pos.numel() // block),)](pos, n_esc, values, marks, first, last, bad, pos.numel(),
+                                                      p.channels, grid.text_tiles, grid.block_tiles, p.text_rows,
+                                                      p.fixed_rows, MARK=ESCAPE_MARK, BLOCK=block)
+    return first, last, pos, val

@@ -133,6 +133,26 @@ def dct2_matrix(device=None) -> torch.Tensor:
     return torch.kron(d, d).to(torch.float32).to(device)
 
 
+def dct2_bf16_pieces(device=None) -> torch.Tensor:
+    """(3, 64, 64) bf16: dct2_matrix as three bf16 matrices that add up to it, largest
+    first (each the bf16 rounding of what the ones before leave): with a bf16 input, whose
+    products with bf16 values are exact in float32, the sum of the three tensor-core
+    products is about as accurate as one in float32 (the float32 matrix, kept whole)."""
+    pieces, left = [], dct2_matrix().double()
+    for _ in range(3):
+        pieces.append(left.to(torch.bfloat16))
+        left = left - pieces[-1].double()
+    return torch.stack(pieces).to(device)
+
+
+def dct2_piece_sums(device=None) -> torch.Tensor:
+    """(3, 64) float32: row k of the first 1, 2 and 3 dct2_bf16_pieces added up, summed
+    along the row. The products take the carry uncentred (it is bf16; centred it need
+    not be), and subtract centre x these sums: the same as centring first, exactly."""
+    partial = dct2_bf16_pieces().double().cumsum(0)
+    return partial.sum(-1).to(torch.float32).to(device)
+
+
 def band_of_rows(device=None) -> torch.Tensor:
     """(64,) band class of each block row u*8+v."""
     return torch.tensor([band_of_frequency(r // BLOCK + r % BLOCK) for r in range(ROWS_PER_BLOCK)],

@@ -116,6 +116,8 @@ def decode(pieces: dict, layout: Layout, geo: Geometry, center: torch.Tensor, re
         token, raw = rans_decode(RansStreams(words, group_words, states.view(geo.groups, geo.lanes)), ctx, freq, geo)
     except (ValueError, IndexError, RuntimeError) as exc:
         raise CodecError(f"gpu codec entropy stream is corrupt: {exc}") from None
+    if not torch.equal(torch.nonzero(token == ESCAPE).flatten(), esc_pos):  # (the fused decoder checks alike)
+        raise CodecError("gpu codec escapes are not where the entropy stream codes them")
     steps_c = channel_steps(pieces["step"].reshape(()), shifts)
     coef = (detokenize(token, raw).float().view(-1, p.channels) * steps_c).reshape(-1)
     coef[esc_pos] = esc_val

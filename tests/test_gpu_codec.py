@@ -181,12 +181,12 @@ def test_lost_message_is_detected_and_a_key_message_recovers():
     assert _rel(decode(codec.encode(b, state=enc, layout=SPEC.layout), state=dec), b) <= 0.05
 
 
-def _with_one_escape(msg, position: int, value: float) -> EncodedTensor:
+def _with_escapes(msg, positions: list[int], values: list[float]) -> EncodedTensor:
     names = list(msg.header["parts"])
     buffers = list(msg.buffers)
-    buffers[names.index("esc_pos")] = torch.tensor([position]).numpy().tobytes()
-    buffers[names.index("esc_val")] = torch.tensor([value]).numpy().tobytes()
-    return EncodedTensor(msg.header | {"n_esc": 1}, buffers)
+    buffers[names.index("esc_pos")] = torch.tensor(positions).numpy().tobytes()
+    buffers[names.index("esc_val")] = torch.tensor(values).numpy().tobytes()
+    return EncodedTensor(msg.header | {"n_esc": len(positions)}, buffers)
 
 
 def test_corrupt_messages_are_refused_cleanly():
@@ -212,8 +212,12 @@ def test_corrupt_messages_are_refused_cleanly():
         "negative word count": with_buffer(msg, counts, torch.tensor([-10 ** 8] + [0] * (groups - 1),
                                                                      dtype=torch.int32).numpy().tobytes()),
         "step not a number": EncodedTensor(msg.header | {"step": float("nan")}, msg.buffers),
-        "escape outside": _with_one_escape(msg, 10 ** 12, 1.0),
-        "escape not finite": _with_one_escape(msg, 5, float("inf")),
+        "escape outside": _with_escapes(msg, [10 ** 12], [1.0]),
+        "escape not finite": _with_escapes(msg, [5], [float("inf")]),
+        # the fused decoder finds escapes by a binary search of their positions
+        "escapes out of order": _with_escapes(msg, [9, 5], [1.0, 1.0]),
+        "escape twice": _with_escapes(msg, [5, 5], [1.0, 1.0]),
+        "escape where the stream codes none": _with_escapes(msg, [5], [1.0]),
     }
     for name, bad in cases.items():
         with pytest.raises(CodecError):
@@ -386,12 +390,58 @@ def test_fused_backend_and_torch_backend_read_each_other():
         "from comfy_mesh.codec.base import EncodedTensor\n"
         "names = list(m.header['parts'])\n"
         "flipped = [bytes(x ^ 0x5A for x in bytes(b)) if n == 'words' else b for n, b in zip(names, m.buffers)]\n"
-        "try:\n"
-        "    fused.decode(EncodedTensor(m.header, flipped), dev)\n"
-        "    raise SystemExit('corrupt words decoded')\n"
-        "except CodecError:\n"
-        "    pass\n"
+        "# ... and escapes the stream does not code where the list says, or codes unlisted\n"
+        "moved = [(pos + 1).numpy().tobytes() if n == 'esc_pos' else b for n, b in zip(names, m.buffers)]\n"
+        "dropped = [b'' if n in ('esc_pos', 'esc_val') else b for n, b in zip(names, m.buffers)]\n"
+        "for header, buffers in ((m.header, flipped), (m.header, moved), (m.header | {'n_esc': 0}, dropped)):\n"
+        "    for codec in (fused, torch_):\n"
+        "        try:\n"
+        "            codec.decode(EncodedTensor(header, buffers), dev)\n"
+        "            raise SystemExit('corrupt message decoded')\n"
+        "        except CodecError:\n"
+        "            pass\n"
         "print('both ways')\n", "both ways")
+
+
+def test_bf16_products_give_the_float32_transform():
+    """A bf16 carry's forward DCT as bf16 tensor-core products of the uncentred carry
+    (gpu_kernels._forward_tile with SPLIT) quantises as the float32 transform of the
+    centred carry does: the same step, the same reconstruction except where a coefficient
+    sits on a rounding boundary (one step off there), the same escapes."""
+    _run_with_triton(
+        "import torch\n"
+        "from comfy_mesh.codec import get, gpu_kernels as K\n"
+        "from comfy_mesh.codec.base import TokenLayout\n"
+        "from comfy_mesh.codec.corpus import CorpusSpec, synthetic_carry\n"
+        "from comfy_mesh.codec.gpu_layout import channel_steps\n"
+        "dev = 'cuda' if torch.cuda.is_available() else 'cpu'\n"
+        "launch, got = K.launch_encode, {}\n"
+        "def launch_both(x, p, settings, inputs, keep):\n"
+        "    for split, fit in ((0, 0), (K.SPLIT, K.FIT_SPLIT)):\n"
+        "        K.SPLIT, K.FIT_SPLIT = split, fit\n"
+        "        got[split] = launch(x, p, settings, inputs, True)\n"
+        "    got['channels'], got['fixed_rows'] = p.channels, p.fixed_rows\n"
+        "    return got[split]\n"
+        "K.launch_encode = launch_both\n"
+        "spec = CorpusSpec(layout=TokenLayout(5, 16, 18), channels=40)\n"
+        "x = synthetic_carry(spec).bfloat16().to(dev)\n"
+        "x[0, 20, 3] = 2e4  # beyond the int16 range of steps: it escapes\n"
+        "m = get('gpu', rel_err=0.02, backend='triton', min_steps=16, graphs=False).encode(x, layout=spec.layout)\n"
+        "assert m.header['loud'] and m.header['n_esc'] >= 1, m.header\n"
+        "f32, bf16 = got[0], got[K.SPLIT]\n"
+        "assert torch.equal(f32['meta'], bf16['meta'])  # sizes, escapes, loud tokens, the step\n"
+        "view = lambda r, name: r['layout'].view(r['payload'], name)\n"
+        "assert torch.equal(view(f32, 'shifts'), view(bf16, 'shifts'))\n"
+        "step = float(f32['meta'][3].to(torch.int32).view(torch.float32))\n"
+        "steps = channel_steps(torch.tensor(step), view(f32, 'shifts').cpu().long())\n"
+        "rows = got['fixed_rows'] + int(f32['meta'][2])  # (the loud rows' room past them: not written)\n"
+        "a, b = (r['new_ref'].cpu().view(-1, got['channels'])[:rows] for r in (f32, bf16))\n"
+        "off = (a - b).abs() / steps\n"
+        "assert float(off.max()) <= 1.0001 and float((off > 0).float().mean()) < 2e-3, (off.max(), (off > 0).sum())\n"
+        "e = int(f32['meta'][1])\n"
+        "assert torch.equal(f32['esc_pos'][:e], bf16['esc_pos'][:e])\n"
+        "assert torch.allclose(f32['esc_val'][:e], bf16['esc_val'][:e], rtol=1e-6, atol=0)\n"
+        "print('same transform')\n", "same transform")
 
 
 def test_kernels_reach_the_tensors_through_an_address_table():
