@@ -27,7 +27,9 @@ from .checks import check_codec_and_version, dtype_name, header_dtype, header_fi
 from .entropy import ALPHABET, PROB_SCALE, Geometry
 from .gpu_layout import ALIGN, MAX_SHIFT, N_BUCKETS, N_CLASSES, Layout, aligned, make_layout
 
-FORMAT_VERSION = 2
+# 3: the temporal reference is bf16 (gpu_layout.REF_DTYPE); a delta from version 2 meant
+# a float32 one, and the two ends would drift apart.
+FORMAT_VERSION = 3
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import torch
 
 from . import gpu_kernels as K
 from .entropy import ALPHABET, Geometry
-from .gpu_layout import N_BUCKETS, N_CLASSES, Layout, aligned
+from .gpu_layout import N_BUCKETS, N_CLASSES, REF_DTYPE, Layout, aligned
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,8 @@ class EncodeGraph:
             self.inputs = K.Inputs(torch.zeros(p.channels, device=x.device),
                                    torch.full((cap,), -1, dtype=torch.int64, device=x.device),
                                    torch.zeros((), dtype=torch.int64, device=x.device),
-                                   torch.zeros(self.ref_numel if table is None else 1, device=x.device))
+                                   torch.zeros(self.ref_numel if table is None else 1, dtype=REF_DTYPE,
+                                               device=x.device))
         self.lock = threading.Lock()
         side = torch.cuda.Stream(x.device)
         side.wait_stream(torch.cuda.current_stream(x.device))
@@ -106,8 +107,8 @@ class EncodeGraph:
             if table is None:
                 self.x.copy_(x)
             else:  # (held until the warm-up has run: the kernels write into them)
-                stand_ins = self.table.point(x=x, ref=torch.zeros(self.ref_numel, device=x.device) if delta else None,
-                                             new_ref=self._new_ref())
+                stand_ins = self.table.point(x=x, ref=torch.zeros(self.ref_numel, dtype=REF_DTYPE, device=x.device)
+                                             if delta else None, new_ref=self._new_ref())
             K.launch_encode(self.x, p, settings, self.inputs, keep, table)
             side.synchronize()
             stand_ins = None
@@ -120,7 +121,7 @@ class EncodeGraph:
         self.meta = torch.empty(self.out["meta"].numel(), dtype=torch.int64, pin_memory=True)
 
     def _new_ref(self) -> torch.Tensor | None:
-        return torch.empty(self.ref_numel, device=self.device) if self.keep else None
+        return torch.empty(self.ref_numel, dtype=REF_DTYPE, device=self.device) if self.keep else None
 
     def run(self, x: torch.Tensor, inputs: K.Inputs) -> tuple[dict, torch.Tensor]:
         mine, out = self.inputs, self.out
@@ -135,7 +136,7 @@ class EncodeGraph:
                 mine.ref[: inputs.ref.numel()].copy_(inputs.ref)
         else:
             # (the kernels read only the rows the reference has: its loud rows are counted)
-            held = self.table.point(x=x, ref=None if inputs.ref is None else inputs.ref.float(),
+            held = self.table.point(x=x, ref=None if inputs.ref is None else inputs.ref.to(REF_DTYPE),
                                     new_ref=self._new_ref())
             out = dict(out, new_ref=held[2], fresh_ref=True)
         self.graph.replay()
@@ -217,7 +218,7 @@ class DecodeGraph:
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # compile and warm up outside the capture, on stand-ins
             new_ref, out = self._outputs()
-            stand_ins = self.table.point(ref=torch.zeros(p.n_coef, device=device) if delta else None,
+            stand_ins = self.table.point(ref=torch.zeros(p.n_coef, dtype=REF_DTYPE, device=device) if delta else None,
                                          new_ref=new_ref, out=out)
             self._decode()
             side.synchronize()
@@ -230,7 +231,7 @@ class DecodeGraph:
     def _outputs(self) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Fresh (new reference or None, output) for one replay."""
         p, device = self.p, self.blob.device
-        new_ref = torch.empty(p.n_coef, device=device) if self.keep else None
+        new_ref = torch.empty(p.n_coef, dtype=REF_DTYPE, device=device) if self.keep else None
         return new_ref, torch.empty(p.batch * p.tokens, p.channels, dtype=self.out_dtype, device=device)
 
     def _view(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
@@ -272,7 +273,8 @@ class DecodeGraph:
             if reference.numel() != self.p.n_coef:
                 raise ValueError("the stream's reference does not fit this message")
         new_ref, out = self._outputs()
-        held = self.table.point(ref=reference.float() if self.delta else None, new_ref=new_ref, out=out)  # (kept until it ran)
+        # (held until it ran)
+        held = self.table.point(ref=reference.to(REF_DTYPE) if self.delta else None, new_ref=new_ref, out=out)
         self.graph.replay()
         center = self.used_center.clone() if self.keep else None
         return out, new_ref, center, bool(self.bad.item())  # (waits for the graph: `held` may go)

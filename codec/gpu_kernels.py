@@ -42,9 +42,10 @@ import torch
 from . import entropy_triton
 from .entropy_triton import any_size, device_constant
 from .entropy import ALPHABET, ESCAPE, EXACT_TOKENS, MAX_EXP, PROB_SCALE, Geometry
-from .gpu_layout import (BUCKET_OFFSET, LOUD_CLASS, MAX_SHIFT, N_BUCKETS, N_CLASSES, ROWS_PER_BLOCK, STATS_ROWS,
-                         TEXT_CLASS, Layout, aligned, band_of_rows, channel_centre, channel_spread, channel_steps,
-                         dct2_bf16_pieces, dct2_matrix, dct2_piece_sums, find_loud, row_classes, sample_rows)
+from .gpu_layout import (BUCKET_OFFSET, LOUD_CLASS, MAX_SHIFT, N_BUCKETS, N_CLASSES, REF_DTYPE, ROWS_PER_BLOCK,
+                         STATS_ROWS, TEXT_CLASS, Layout, aligned, band_of_rows, channel_centre, channel_spread,
+                         channel_steps, dct2_bf16_pieces, dct2_matrix, dct2_piece_sums, find_loud, row_classes,
+                         sample_rows)
 
 try:
     import triton
@@ -117,6 +118,15 @@ if triton is not None:
     # Triton's interpreter multiplies bf16 matrices as their 16-bit patterns (3.9): there
     # the pieces and the carry go to float32 first, which gives the same (exact) products.
     BF16_DOT = tl.constexpr(not entropy_triton.INTERPRETED)
+
+    @triton.jit
+    def _to_ref(v):
+        """float32 -> bf16 (gpu_layout.REF_DTYPE), to nearest, ties to even, as torch rounds:
+        spelled out because Triton's interpreter truncates, and the two ends (and the two
+        backends) must keep the same reference bit for bit. For finite values."""
+        bits = v.to(tl.int32, bitcast=True)
+        bits += 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
 
     @triton.jit
     def _through(table_ptr, slot: tl.constexpr, DT: tl.constexpr):
@@ -243,7 +253,7 @@ if triton is not None:
         reference come from the address table."""
         if THROUGH:
             x_ptr = _through(table_ptr, SLOT_X, X_DT)
-            ref_ptr = _through(table_ptr, SLOT_REF, tl.float32)
+            ref_ptr = _through(table_ptr, SLOT_REF, tl.bfloat16)
         pid = tl.program_id(0)
         p = (pid * STRIDE) % N_PROGRAMS
         tile = p // GROUPS
@@ -259,7 +269,8 @@ if triton is not None:
             coef, ch, cm, m = _forward_tile(x_ptr, center_ptr, loud_mask_ptr, dct, tile, (p % GROUPS) * CHUNKS + j,
                                             ok, xrow, img, TEXT_TILES, BLOCK_TILES, C, CB, PREC, SPLIT)
             if HAS_REF:
-                coef -= tl.load(ref_ptr + sym.to(tl.int64)[:, None] * C + ch[None, :], mask=m, other=0.0)
+                coef -= tl.load(ref_ptr + sym.to(tl.int64)[:, None] * C + ch[None, :], mask=m, other=0.0).to(
+                    tl.float32)
             if SQ:  # sampled: each cell's sum of squares and how many rows it saw
                 sq = coef * coef
                 for c in tl.static_range(NCLS):
@@ -372,8 +383,8 @@ if triton is not None:
         table (at table_ptr)."""
         if THROUGH:
             x_ptr = _through(table_ptr, SLOT_X, X_DT)
-            ref_ptr = _through(table_ptr, SLOT_REF, tl.float32)
-            new_ref_ptr = _through(table_ptr, SLOT_NEW_REF, tl.float32)
+            ref_ptr = _through(table_ptr, SLOT_REF, tl.bfloat16)
+            new_ref_ptr = _through(table_ptr, SLOT_NEW_REF, tl.bfloat16)
         p = tl.program_id(0)
         tile = p // GROUPS
         n_loud = tl.load(n_loud_ptr)
@@ -385,7 +396,7 @@ if triton is not None:
                                             ok, xrow, img, TEXT_TILES, BLOCK_TILES, C, CB, PREC, SPLIT)
             at = sym.to(tl.int64)[:, None] * C + ch[None, :]
             if HAS_REF:
-                ref = tl.load(ref_ptr + at, mask=m, other=0.0)
+                ref = tl.load(ref_ptr + at, mask=m, other=0.0).to(tl.float32)
                 coef -= ref
             s = tl.load(steps_ptr + ch, mask=cm, other=1.0)
             inv = tl.load(inv_ptr + ch, mask=cm, other=1.0)
@@ -400,7 +411,7 @@ if triton is not None:
             if WRITE_REF:
                 if HAS_REF:
                     recon += ref
-                tl.store(new_ref_ptr + at, recon, mask=m)
+                tl.store(new_ref_ptr + at, _to_ref(recon), mask=m)
             # (the test first: the masked atomics alone cost more, 0.204 -> 0.231 ms on an H100)
             if tl.sum(tl.sum(esc.to(tl.int32), 1), 0) > 0:
                 slot = tl.atomic_add(esc_count_ptr + tl.zeros((64, CB), tl.int32), 1, mask=esc)
@@ -470,8 +481,8 @@ if triton is not None:
         THROUGH: the reference, the new reference and the output come from the address
         table (their pointer arguments are not read)."""
         if THROUGH:
-            ref_ptr = _through(table_ptr, SLOT_REF, tl.float32)
-            new_ref_ptr = _through(table_ptr, SLOT_NEW_REF, tl.float32)
+            ref_ptr = _through(table_ptr, SLOT_REF, tl.bfloat16)
+            new_ref_ptr = _through(table_ptr, SLOT_NEW_REF, tl.bfloat16)
             out_ptr = _through(table_ptr, SLOT_OUT, OUT_DT)
         d2t = tl.load(d2_ptr + tl.arange(0, 64)[None, :] * 64 + tl.arange(0, 64)[:, None])  # the DCT's transpose
         # persistent: each program loads the inverse DCT once and takes tiles until none
@@ -498,9 +509,9 @@ if triton is not None:
                 for e in range(escapes[0], escapes[1]):
                     c = tl.where(at == tl.load(esc_pos_ptr + e), tl.load(esc_val_ptr + e), c)
                 if HAS_REF:
-                    c += tl.load(ref_ptr + at, mask=m, other=0.0)
+                    c += tl.load(ref_ptr + at, mask=m, other=0.0).to(tl.float32)
                 if WRITE_REF:
-                    tl.store(new_ref_ptr + at, c, mask=m)
+                    tl.store(new_ref_ptr + at, _to_ref(c), mask=m)  # (the output takes c unrounded)
                 if block:
                     c = tl.dot(d2t, c, input_precision=PREC)
                 c += tl.load(center_ptr + ch, mask=cm, other=0.0)[None, :]
@@ -757,7 +768,7 @@ def launch_encode(x: torch.Tensor, p: Layout, settings, inputs: Inputs, keep: bo
     esc_pos = torch.empty(ESCAPE_CAPACITY, dtype=torch.int64, device=device)
     esc_val = torch.empty(ESCAPE_CAPACITY, dtype=torch.float32, device=device)
     # the new reference goes to a new buffer: the old one stays whole if this path gives up
-    new_ref = torch.empty(max_rows * p.channels, dtype=torch.float32, device=device) \
+    new_ref = torch.empty(max_rows * p.channels, dtype=REF_DTYPE, device=device) \
         if keep and table is None else None
     share = HIST_SHARE or (64 if max_rows * p.channels >= 64 * HIST_SAMPLE else 16)
     kept = 64 // share  # rows of each tile in the histogram sample
@@ -901,7 +912,7 @@ def decode(pieces: dict, layout: Layout, geo: Geometry, center: torch.Tensor, re
     esc = _escape_rows(pieces, grid, values, marks, bad)
     loud_idx = pieces["loud"]
     if table is None:
-        new_ref = torch.empty(n, dtype=torch.float32, device=device) if keep else None
+        new_ref = torch.empty(n, dtype=REF_DTYPE, device=device) if keep else None
         out = torch.empty(p.batch * p.tokens, p.channels, dtype=out_dtype, device=device)
         pointers = (reference if reference is not None else steps_c, new_ref if new_ref is not None else steps_c, out)
     else:

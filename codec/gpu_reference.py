@@ -33,7 +33,7 @@ import torch
 from .base import CodecError
 from .entropy import ALPHABET, ESCAPE, Geometry, RansStreams, detokenize, normalize_counts, rans_decode, \
     rans_encode, tokenize
-from .gpu_layout import (N_BUCKETS, N_CLASSES, Layout, channel_centre, channel_shifts,
+from .gpu_layout import (N_BUCKETS, N_CLASSES, REF_DTYPE, Layout, channel_centre, channel_shifts,
                          channel_spread, channel_steps, context_buckets, find_loud, forward, inverse, round_step,
                          row_classes, sample_rows, symbol_contexts)
 
@@ -58,7 +58,7 @@ def encode(x: torch.Tensor, layout: Layout, settings, reference: dict | None, ke
         p = Layout(p.batch, p.tokens, p.channels, p.n_txt, p.h, p.w, tuple(idx[: int(count)].tolist()))
     coef = forward(centred, p)
     if reference is not None:
-        coef = coef - reference["coef"]
+        coef = coef - reference["coef"].float()
     norm = float(x.norm())
     spread = channel_spread(rows - center)
     floor = settings.channel_rel_err * math.sqrt(12.0)
@@ -93,7 +93,8 @@ def encode(x: torch.Tensor, layout: Layout, settings, reference: dict | None, ke
     if keep:
         recon = (q.view(-1, p.channels).float() * steps_c).reshape(-1)
         recon[esc_pos] = esc_val
-        out["reference"] = {"coef": recon if reference is None else reference["coef"] + recon, "center": center}
+        full = recon if reference is None else reference["coef"].float() + recon
+        out["reference"] = {"coef": full.to(REF_DTYPE), "center": center}
     return out
 
 
@@ -121,9 +122,9 @@ def decode(pieces: dict, layout: Layout, geo: Geometry, center: torch.Tensor, re
     steps_c = channel_steps(pieces["step"].reshape(()), shifts)
     coef = (detokenize(token, raw).float().view(-1, p.channels) * steps_c).reshape(-1)
     coef[esc_pos] = esc_val
-    full = coef if reference is None else reference + coef
+    full = coef if reference is None else reference.float() + coef
     x = inverse(full, p) + center
-    return x.to(out_dtype), (full if keep else None)
+    return x.to(out_dtype), (full.to(REF_DTYPE) if keep else None)
 
 
 def fit_step(coef2d: torch.Tensor, spread: torch.Tensor, floor: float, target: float,
