@@ -19,9 +19,10 @@ other's messages. Pipeline (encode):
    table fits the distribution it codes; values too large for the token set travel
    exactly.
 
-Temporal mode: the reference is the previous reconstruction's centred coefficients;
-a delta message codes the change from it (element-wise float ops that give the same
-bits on every device: see gpu_layout on the step sizes).
+Temporal mode: the reference is the previous reconstruction's centred coefficients,
+rounded to bf16 (gpu_layout.REF_DTYPE); a delta message codes the change from it
+(element-wise float ops that give the same bits on every device: see gpu_layout on the
+step sizes).
 """
 
 from __future__ import annotations
