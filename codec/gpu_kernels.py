@@ -92,6 +92,11 @@ FIT_PRECISION = "tf32"
 SPLIT = 3
 FIT_SPLIT = 2
 NUM_WARPS = 4  # per tile program
+# The quantiser's registers, capped (None: the compiler's choice, 144 on an H100 with
+# Triton 3.6: 3 blocks of 4 warps a multiprocessor). At 128 a fourth block fits and a few
+# values spill to local memory (232 bytes): quantiser 0.197 -> 0.179 ms (temporal key),
+# 0.225 -> 0.201 ms (delta); 96: 0.176 / 0.215, 80: 0.197 / 0.286 (H100, bench/NOTES.md).
+QUANTISE_MAXNREG: int | None = 128
 # Programs per multiprocessor of the persistent inverse kernel (bench/tile_sweep.py,
 # H100: 4 / 8 / 16 / 32 took 0.104 / 0.102 / 0.104 / 0.106 ms, one program a tile 0.117);
 # 0: one program a tile.
@@ -778,7 +783,7 @@ def launch_encode(x: torch.Tensor, p: Layout, settings, inputs: Inputs, keep: bo
                                        symbols, keys, esc_count, esc_pos, esc_val, ESCAPE_CAPACITY, kept,
                                        HAS_REF=delta, WRITE_REF=keep, EXACT=EXACT_TOKENS,
                                        MAXE=MAX_EXP, ESC=ESCAPE, SPLIT=SPLIT if common["split"] else 0, **through,
-                                       **grid.args())
+                                       **grid.args(), **({"maxnreg": QUANTISE_MAXNREG} if QUANTISE_MAXNREG else {}))
     hist = torch.histc(keys, bins=HIST_BINS, min=0, max=HIST_BINS)  # keys < 0 (no symbol) fall outside
     tables = (torch.empty(HIST_BINS, dtype=torch.int32, device=device),
               torch.empty(HIST_BINS, dtype=torch.float64, device=device))
