@@ -402,10 +402,11 @@ def decode(words: torch.Tensor, total_words: torch.Tensor, group_words: torch.Te
     """Decode to the quantised values, (n,) int16: an escape's place holds ESCAPE_MARK
     (the value itself travels beside the words), and how many there are ((1,) int32).
     Not dequantised: half the bytes of float32 coefficients to write here and to read
-    again (the gpu codec's inverse kernel applies the steps). `classes`: each coefficient row's class (gpu_layout.row_classes),
-    which picks its row of `buckets`. `words` may be longer than the stream:
-    `total_words` (a 1-element device tensor) says how much is. Corruption sets `bad` (a
-    1-element int32 device tensor) instead of raising: the caller checks it once."""
+    again (the gpu codec's inverse kernel applies the steps). `classes`: each coefficient
+    row's class (gpu_layout.row_classes), which picks its row of `buckets`. `words` may
+    be longer than the stream: `total_words` (a 1-element device tensor) says how much
+    is. Corruption sets `bad` (a 1-element int32 device tensor) instead of raising: the
+    caller checks it once."""
     device = words.device
     G, S, W = geo.groups, geo.steps, geo.lanes
     starts = (torch.cumsum(group_words.to(torch.int64), 0) - group_words).to(torch.int32).contiguous()
@@ -424,5 +425,6 @@ def decode(words: torch.Tensor, total_words: torch.Tensor, group_words: torch.Te
                          row_bases, buckets, fc, slots,
                          device_constant("tokens", device, _token_table), values, marks, bad, geo.n, C=channels,
                          STEPS=S, LANES=W, NB=N_BUCKETS, PB=PROB_BITS, BALLOT=_ballot(W),
-                         PREFETCH=0 if INTERPRETED else PREFETCH_WORDS, ESC=ESCAPE, num_warps=max(1, W // LANES_PER_WARP))
+                         PREFETCH=0 if INTERPRETED else PREFETCH_WORDS, ESC=ESCAPE,
+                         num_warps=max(1, W // LANES_PER_WARP))
     return values, marks

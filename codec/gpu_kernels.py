@@ -379,11 +379,11 @@ if triton is not None:
     @any_size
     def _quantise_kernel(x_ptr, center_ptr, loud_mask_ptr, loud_idx_ptr, n_loud_ptr, d2_ptr, pieces_ptr, sums_ptr,
                          ref_ptr, new_ref_ptr, steps_ptr, inv_ptr, bucket_ptr, sym_ptr, key_ptr, esc_count_ptr,
-                         esc_pos_ptr, esc_val_ptr, ESC_CAP, KEPT, GROUPS, T, N_TXT, H, W, HB, WB, TEXT_TILES, BLOCK_TILES,
-                         TEXT_ROWS, FIXED_ROWS, table_ptr, C: tl.constexpr, CB: tl.constexpr, CHUNKS: tl.constexpr,
-                         HAS_REF: tl.constexpr, WRITE_REF: tl.constexpr, TEXT: tl.constexpr, LOUD: tl.constexpr,
-                         EXACT: tl.constexpr, MAXE: tl.constexpr, ESC: tl.constexpr, PREC: tl.constexpr,
-                         SPLIT: tl.constexpr, THROUGH: tl.constexpr, X_DT: tl.constexpr):
+                         esc_pos_ptr, esc_val_ptr, ESC_CAP, KEPT, GROUPS, T, N_TXT, H, W, HB, WB, TEXT_TILES,
+                         BLOCK_TILES, TEXT_ROWS, FIXED_ROWS, table_ptr, C: tl.constexpr, CB: tl.constexpr,
+                         CHUNKS: tl.constexpr, HAS_REF: tl.constexpr, WRITE_REF: tl.constexpr, TEXT: tl.constexpr,
+                         LOUD: tl.constexpr, EXACT: tl.constexpr, MAXE: tl.constexpr, ESC: tl.constexpr,
+                         PREC: tl.constexpr, SPLIT: tl.constexpr, THROUGH: tl.constexpr, X_DT: tl.constexpr):
         """THROUGH: the carry, the reference and the new reference come from the address
         table (at table_ptr)."""
         if THROUGH:
@@ -474,9 +474,9 @@ if triton is not None:
         tl.atomic_or(bad_ptr + k * 0, wrong, mask=wrong != 0)
 
     @any_size
-    def _inverse_kernel(value_ptr, steps_ptr, first_ptr, last_ptr, esc_pos_ptr, esc_val_ptr, ref_ptr, new_ref_ptr, center_ptr, loud_mask_ptr, loud_idx_ptr, n_loud, d2_ptr,
-                        out_ptr, table_ptr, N_PROGRAMS, GROUPS, T, N_TXT, H, W, HB, WB, TEXT_TILES, BLOCK_TILES,
-                        TEXT_ROWS, FIXED_ROWS,
+    def _inverse_kernel(value_ptr, steps_ptr, first_ptr, last_ptr, esc_pos_ptr, esc_val_ptr, ref_ptr, new_ref_ptr,
+                        center_ptr, loud_mask_ptr, loud_idx_ptr, n_loud, d2_ptr, out_ptr, table_ptr, N_PROGRAMS,
+                        GROUPS, T, N_TXT, H, W, HB, WB, TEXT_TILES, BLOCK_TILES, TEXT_ROWS, FIXED_ROWS,
                         C: tl.constexpr, CB: tl.constexpr, CHUNKS: tl.constexpr, HAS_REF: tl.constexpr,
                         WRITE_REF: tl.constexpr, TEXT: tl.constexpr, LOUD: tl.constexpr, PREC: tl.constexpr,
                         THROUGH: tl.constexpr, OUT_DT: tl.constexpr):
