@@ -48,8 +48,8 @@ LANES_PER_WARP = 32
 # bits. Its top part, context * 64 + token, indexes the (N_BUCKETS, 64) tables.
 KEY_SHIFT = 18
 TABLE_WIDTH = 64
-# What the decoder writes where an escape's value goes: no coded value is -32768 (those
-# from -32768 on escape; the quantiser's int16 range).
+# What the decoder writes where an escape's value goes: no coded value is -32768 (values
+# of magnitude 32768 and more escape: the quantiser's int16 range).
 ESCAPE_MARK = -32768
 # Slots per program of the decoder's tables kernel: each compares its slots with the 64
 # symbol ends (1024 took 0.27 ms on an H100: a (1024, 64) block spills its registers).
@@ -74,7 +74,7 @@ def available(device: torch.device) -> bool:
 # pattern of them (== 1, divisible by 16): a carry of a new size would then compile again,
 # inside a sampler step, what GpuCodec.warm_up compiled before. One variant serves every size.
 SIZE_ARGS = ("STRIDE", "N_PROGRAMS", "ESC_CAP", "KEPT", "share", "GROUPS", "T", "N_TXT", "H", "W", "HB", "WB",
-             "TEXT_TILES", "BLOCK_TILES", "TEXT_ROWS", "FIXED_ROWS", "n_loud", "C", "n", "CAP", "ROUNDS")
+             "TEXT_TILES", "BLOCK_TILES", "TEXT_ROWS", "FIXED_ROWS", "n_loud", "C", "n", "CAP")
 
 
 def any_size(fn):
