@@ -121,7 +121,7 @@ def _check_small_parts(frames: dict, words_bytes: int, n_coef: int) -> None:
     esc_pos = np.frombuffer(frames["esc_pos"], dtype=np.int64)
     if ((esc_pos < 0) | (esc_pos >= n_coef)).any():
         raise CodecError("gpu codec escape positions point outside the tensor")
-    if (esc_pos[1:] <= esc_pos[:-1]).any():  # the fused decoder finds them by a binary search
+    if (esc_pos[1:] <= esc_pos[:-1]).any():  # the fused decoder reads each tile's as a run of the list
         raise CodecError("gpu codec escape positions are not in ascending order")
     if not np.isfinite(np.frombuffer(frames["esc_val"], dtype=np.float32)).all():
         raise CodecError("gpu codec escape values are not finite")
@@ -188,8 +188,9 @@ class GpuCodec:
         with the captured graphs' variants too, warming up and then coding two messages
         took 73 s; then from Triton's disk cache, about a second), which would otherwise
         land inside the first sampler step. Codes a small carry of `channels`, a key
-        message and a delta against it, both ways, launched and captured. -> seconds spent, or None where the kernels do not run
-        (no CUDA device or no Triton: nothing to compile)."""
+        message and a delta against it, both ways, launched and captured. -> seconds
+        spent, or None where the kernels do not run (no CUDA device or no Triton: nothing
+        to compile)."""
         device = torch.device(device)
         if not _fused(self.settings, device) or device.type != "cuda":
             return None

@@ -8,7 +8,7 @@ through an AddressTable, not through copies into and out of buffers of the graph
 the small inputs are copied in and the small outputs copied out before the next replay
 (a lock per graph keeps to one message at a time). A cache keeps the last few shapes,
 since each holds its workspace on the GPU (the symbols, word buffers and message of an
-encode, the coefficients of a decode: a few times the carry's bf16 bytes).
+encode, the int16 values of a decode: a few times the carry's bf16 bytes).
 """
 
 from __future__ import annotations

@@ -233,8 +233,8 @@ if triton is not None:
             else:  # the centre is a bf16 value (gpu_layout.channel_centre): a loud row becomes it
                 xb = tl.where(loud[:, None], centre.to(tl.bfloat16)[None, :], xv)
                 if not BF16_DOT:
-                    xb, d_hi, d_mid, d_lo = xb.to(tl.float32), d_hi.to(tl.float32), d_mid.to(tl.float32), d_lo.to(
-                        tl.float32)
+                    xb = xb.to(tl.float32)
+                    d_hi, d_mid, d_lo = d_hi.to(tl.float32), d_mid.to(tl.float32), d_lo.to(tl.float32)
                 coef = tl.zeros((64, CB), tl.float32)
                 if SPLIT >= 3:
                     coef = tl.dot(d_lo, xb, coef)

@@ -214,7 +214,7 @@ def test_corrupt_messages_are_refused_cleanly():
         "step not a number": EncodedTensor(msg.header | {"step": float("nan")}, msg.buffers),
         "escape outside": _with_escapes(msg, [10 ** 12], [1.0]),
         "escape not finite": _with_escapes(msg, [5], [float("inf")]),
-        # the fused decoder finds escapes by a binary search of their positions
+        # the fused decoder reads each tile's escapes as a run of the list, in order
         "escapes out of order": _with_escapes(msg, [9, 5], [1.0, 1.0]),
         "escape twice": _with_escapes(msg, [5, 5], [1.0, 1.0]),
         "escape where the stream codes none": _with_escapes(msg, [5], [1.0]),
