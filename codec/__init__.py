@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from .base import Codec, CodecError, CodecStateError, EncodedTensor, StreamState, TokenLayout
-from .registry import available, capabilities, decode, decode_capabilities, get, warm_up
+from .registry import available, capabilities, decode, decode_capabilities, formats, get, warm_up
 
 __all__ = ["Codec", "CodecError", "CodecStateError", "EncodedTensor", "StreamState", "TokenLayout", "available",
-           "capabilities", "decode", "decode_capabilities", "get", "warm_up"]
+           "capabilities", "decode", "decode_capabilities", "formats", "get", "warm_up"]

@@ -167,6 +167,7 @@ class CpuCodec:
     """Lossy CPU codec: robust per-channel quantisation, exact outliers, zstandard."""
 
     name = "cpu"
+    format_version = FORMAT_VERSION
     Settings = CpuSettings
 
     def __init__(self, settings: CpuSettings | None = None) -> None:

@@ -178,6 +178,7 @@ _PART_TYPES = {"center": torch.bfloat16, "shifts": torch.uint8, "buckets": torch
 class GpuCodec:
     name = "gpu"
     Settings = GpuSettings
+    format_version = FORMAT_VERSION
 
     def __init__(self, settings: GpuSettings | None = None):
         self.settings = settings or GpuSettings()

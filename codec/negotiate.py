@@ -11,6 +11,9 @@ Order of preference, and why:
 4. `cpu` otherwise.
 
 The reply (model output) goes the other way, so the same rule runs with the roles swapped.
+A codec whose message format version differs between the two installs (HELLO's
+`formats`) is left out both ways, with the reason in the choice: its messages would only
+fail to decode.
 """
 
 from __future__ import annotations
@@ -42,9 +45,10 @@ def is_loopback(endpoint: str) -> bool:
         return False
 
 
-def _pick(sender_encodes: list[str], sender_cuda: bool, receiver_decodes: list[str]) -> tuple[str, str]:
+def _pick(sender_encodes: list[str], sender_cuda: bool, receiver_decodes: list[str],
+          unusable: dict[str, str]) -> tuple[str, str]:
     for name in PREFERENCE:
-        if name == "gpu" and not sender_cuda:
+        if (name == "gpu" and not sender_cuda) or name in unusable:
             continue
         if name in sender_encodes and name in receiver_decodes:
             why = {"nvenc": "the sender has an NVENC encoder and the receiver decodes HEVC",
@@ -55,13 +59,42 @@ def _pick(sender_encodes: list[str], sender_cuda: bool, receiver_decodes: list[s
 
 
 def choose(endpoint: str, *, local_encoders: list[str], local_decoders: list[str], local_cuda: bool,
-           peer_encoders: list[str], peer_decoders: list[str], peer_cuda: bool, fast_link: bool = False) -> Choice:
+           peer_encoders: list[str], peer_decoders: list[str], peer_cuda: bool, fast_link: bool = False,
+           unusable: dict[str, str] | None = None) -> Choice:
+    """`unusable`: codecs not to pick, name -> why (format_mismatches())."""
     if is_loopback(endpoint) or fast_link:
         where = "loopback" if is_loopback(endpoint) else "a link marked fast"
         return Choice("raw", "raw", f"{where}: sending raw tensors is faster than coding them")
-    carry, why_carry = _pick(local_encoders, local_cuda, peer_decoders)
-    reply, why_reply = _pick(peer_encoders, peer_cuda, local_decoders)
-    return Choice(carry, reply, f"carry {carry}: {why_carry}; reply {reply}: {why_reply}")
+    unusable = {n: why for n, why in (unusable or {}).items() if n != "raw"}  # raw is the fallback
+    carry, why_carry = _pick(local_encoders, local_cuda, peer_decoders, unusable)
+    reply, why_reply = _pick(peer_encoders, peer_cuda, local_decoders, unusable)
+    reason = f"carry {carry}: {why_carry}; reply {reply}: {why_reply}"
+    skipped = [f"{n} not used ({why})" for n, why in sorted(unusable.items())
+               if n in PREFERENCE and (n in local_encoders or n in peer_encoders)]
+    return Choice(carry, reply, "; ".join([reason] + skipped))
+
+
+def format_mismatches(peer_formats: dict | None) -> dict[str, str]:
+    """Codecs whose message format differs between this install and a peer's (from its
+    HELLO: codec name -> version), name -> why. An older peer that does not say: none."""
+    from . import registry
+
+    if not isinstance(peer_formats, dict):
+        return {}
+    return {name: f"this end's {name} messages are format {ours}, the peer's {peer_formats[name]}: install the "
+                  f"same comfy-mesh version on both"
+            for name, ours in registry.formats().items() if name in peer_formats and peer_formats[name] != ours}
+
+
+def choose_for_peer(endpoint: str, info, *, local_cuda: bool, fast_link: bool = False) -> Choice:
+    """`choose` against a peer's HELLO reply (`info`: encoders, decoders, device, formats;
+    an older peer sends one `codecs` list for both)."""
+    encoders, decoders = local_capabilities()
+    return choose(endpoint, local_encoders=encoders, local_decoders=decoders, local_cuda=local_cuda,
+                  peer_encoders=info.encoders if info.encoders is not None else info.codecs,
+                  peer_decoders=info.decoders if info.decoders is not None else info.codecs,
+                  peer_cuda=str(info.device or "").startswith("cuda"), fast_link=fast_link,
+                  unusable=format_mismatches(getattr(info, "formats", None)))
 
 
 def local_capabilities() -> tuple[list[str], list[str]]:

@@ -41,6 +41,7 @@ class RawCodec:
 
     name = "raw"
     Settings = RawSettings
+    format_version = FORMAT_VERSION
 
     def __init__(self, settings: RawSettings | None = None) -> None:
         self.settings = settings or RawSettings()

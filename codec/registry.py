@@ -12,6 +12,7 @@ usable ones, and `get` of an unusable codec raises CodecError with the reason. D
 does not need the encoder: `decode` accepts every registered codec's messages (an nvenc
 message decodes in software where there is no NVDEC), and `decode_capabilities()` says
 which this machine can decode (`decode_capability()` on the class, where defined).
+`formats()` gives each codec's message format version, which peers compare in HELLO.
 """
 
 from __future__ import annotations
@@ -57,6 +58,12 @@ def decode_capabilities() -> dict[str, tuple[bool, str]]:
     from the class's `decode_capability()` where it has one (an nvenc message decodes
     with NVDEC or, failing that, in software)."""
     return {name: _capability(_CODECS[name], "decode_capability") for name in sorted(_CODECS)}
+
+
+def formats() -> dict[str, int]:
+    """Every registered codec's message format version (header["v"]): two installs whose
+    numbers differ for a codec cannot read each other's messages of it."""
+    return {name: _CODECS[name].format_version for name in sorted(_CODECS)}
 
 
 def available() -> list[str]:

@@ -405,6 +405,7 @@ class HevcCodec:
 
     name = "hevc"
     Settings: type = X265Settings
+    format_version = FORMAT_VERSION
 
     def __init__(self, settings: Any = None) -> None:
         self.settings = settings or self.Settings()

@@ -282,15 +282,14 @@ def choose_codec(requested: str, endpoint: str, info, *, local_cuda: bool) -> tu
     loopback, else the best codec this end encodes and the peer decodes (nvenc, gpu with
     CUDA here, cpu). Only the carry's choice is used: the node always takes the reply raw.
     """
-    if requested != AUTO:
-        return check_codec(requested), "chosen on the node"
-    from ..codec.negotiate import choose, local_capabilities
+    from ..codec.negotiate import choose_for_peer, format_mismatches
 
-    encoders, decoders = local_capabilities()
-    peer_encoders = info.encoders if info.encoders is not None else info.codecs
-    peer_decoders = info.decoders if info.decoders is not None else info.codecs
-    choice = choose(endpoint, local_encoders=encoders, local_decoders=decoders, local_cuda=local_cuda,
-                    peer_encoders=peer_encoders, peer_decoders=peer_decoders,
-                    peer_cuda=str(info.device or "").startswith("cuda"))
-    why = choice.reason.split("; reply ")[0]  # the reply's half does not apply: it comes back raw
+    if requested != AUTO:
+        mismatched = format_mismatches(getattr(info, "formats", None))
+        if requested in mismatched:
+            raise MeshError(f"comfy-mesh: codec {requested!r} cannot be used with this peer: {mismatched[requested]}")
+        return check_codec(requested), "chosen on the node"
+    choice = choose_for_peer(endpoint, info, local_cuda=local_cuda)
+    # the reply's half does not apply (it comes back raw); codecs left out still say why
+    why = "; ".join(part for part in choice.reason.split("; ") if not part.startswith("reply "))
     return choice.carry, why

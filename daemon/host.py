@@ -194,7 +194,8 @@ class ModelHost:
             fingerprint=self.model.fingerprint, family=self.model.family, config=self.model.config.to_dict(),
             n_blocks=self.model.config.n_blocks, hosted=hosted.to_list() if hosted else None, last=self.is_last,
             epoch=self.plan.epoch, codecs=codecs.available(), device=self.settings.device,
-            max_message_bytes=self.settings.max_message_bytes, encoders=encoders, decoders=decoders))
+            max_message_bytes=self.settings.max_message_bytes, encoders=encoders, decoders=decoders,
+            formats=codecs.formats()))
 
     def reconfigure(self, req: ReconfigureRequest) -> Message:
         plan = Plan.from_dict(req.plan)

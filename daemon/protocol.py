@@ -86,6 +86,9 @@ class HelloReply:
     # differ (an H100 decodes NVENC's HEVC with NVDEC but cannot encode it). None: `codecs`.
     encoders: list | None = None
     decoders: list | None = None
+    # Optional (older peers omit it): codec name -> message format version (registry.formats()).
+    # A codec whose version differs between the two installs is not used between them.
+    formats: dict | None = None
 
 
 @dataclass

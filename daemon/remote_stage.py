@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from .. import codec as codecs
-from ..codec.base import Codec, CodecStateError, StreamState
-from ..codec.negotiate import choose, local_capabilities
+from ..codec.base import Codec, CodecError, CodecStateError, StreamState
+from ..codec.negotiate import choose_for_peer, format_mismatches, local_capabilities
 from ..splitter.context_hash import token_layout
 from .client import DaemonClient, PeerRefused, PeerTimeout
 from .protocol import ErrorCode, ForwardRequest, HelloReply
@@ -79,20 +79,22 @@ class RemoteStage:
         self.reply_settings = dataclasses.asdict(codec.settings) if same else {}
 
     def connect(self, fingerprint: str | None = None) -> HelloReply:
-        encoders, decoders = local_capabilities()
+        _, decoders = local_capabilities()
         self.info = self.client.hello(fingerprint=fingerprint, codecs=decoders)
         if self.codec == "auto":
             info = self.info
-            choice = choose(self.client.endpoint, local_encoders=encoders, local_decoders=decoders,
-                            local_cuda=self.device.startswith("cuda"),
-                            peer_encoders=info.encoders if info.encoders is not None else info.codecs,
-                            peer_decoders=info.decoders if info.decoders is not None else info.codecs,
-                            peer_cuda=info.device.startswith("cuda"), fast_link=self.fast_link)
+            choice = choose_for_peer(self.client.endpoint, info, local_cuda=self.device.startswith("cuda"),
+                                     fast_link=self.fast_link)
             log.info("codec for %s: %s", info.name, choice.reason)
             self.choice = {"codec": choice.carry, "reason": choice.reason}
             self._set_codec(codecs.get(choice.carry), choice.reply)
-        elif isinstance(self.codec, str):
-            self._set_codec(codecs.get(self.codec), self.reply_codec)
+        else:
+            if isinstance(self.codec, str):
+                self._set_codec(codecs.get(self.codec), self.reply_codec)
+            mismatched = format_mismatches(self.info.formats)
+            for name in dict.fromkeys((self.codec.name, self.reply_codec)):
+                if name in mismatched:  # refused now, not at the first message each way
+                    raise CodecError(f"codec {name!r} cannot be used with {self.info.name}: {mismatched[name]}")
         self.warm_up(self.info.config)
         return self.info
 

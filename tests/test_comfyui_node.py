@@ -227,6 +227,15 @@ def test_auto_codec_is_negotiated_with_the_peers_hello(monkeypatch):
     assert peers.choose_codec("raw", lan, all_of_them, local_cuda=True) == ("raw", "chosen on the node")
     with pytest.raises(MeshError, match="not available"):
         peers.choose_codec("telepathy", lan, all_of_them, local_cuda=False)
+    # a daemon of another comfy-mesh version whose gpu messages are another format
+    from comfy_mesh.codec import formats
+
+    other = _hello_info(["cpu", "gpu", "raw"])
+    other.formats = {**formats(), "gpu": formats()["gpu"] + 1}
+    codec, why = peers.choose_codec("auto", lan, other, local_cuda=True)
+    assert codec == "cpu" and "gpu not used" in why and "reply" not in why
+    with pytest.raises(MeshError, match="same comfy-mesh version"):
+        peers.choose_codec("gpu", lan, other, local_cuda=True)
     with pytest.raises(MeshError, match="not available"):
         peers.check_codec("telepathy")
 

@@ -371,6 +371,27 @@ def test_auto_codec_is_raw_on_loopback_and_status_says_why(model, tiny_checkpoin
     assert status.codec["codec"] == "raw" and "loopback" in status.codec["reason"]
 
 
+def test_a_codec_whose_format_differs_from_the_daemons_is_refused_at_connect(model, tiny_checkpoint, monkeypatch):
+    """HELLO says which message format each codec writes; an older or newer daemon whose
+    gpu format differs is refused when the client connects, with both numbers, not at
+    the first message (where its decoder would refuse the header's version)."""
+    ours = codecs.formats()
+    with running_daemon(tiny_checkpoint, blocks=2) as server:
+        client = DaemonClient(server.endpoint, timeout_s=30)
+        assert client.hello().formats == ours and ours["gpu"] == codecs.get("gpu").format_version
+        monkeypatch.setattr(codecs, "formats", lambda: {**ours, "gpu": ours["gpu"] - 1})  # what the daemon says
+        with pytest.raises(codecs.CodecError, match=f"format {ours['gpu']}, the peer's {ours['gpu'] - 1}"):
+            RemoteStage(client, codecs.get("gpu")).connect(fingerprint=model.fingerprint)
+        remote = RemoteStage(client, codecs.get("cpu"))  # the codecs whose formats agree still work
+        info = remote.connect(fingerprint=model.fingerprint)
+        plan = tail_split(model.config.n_blocks, 2, remote=info.node, epoch=info.epoch)
+        runner = SplitRunner(model.stage(plan.local, first=True, last=False), plan, {info.node: remote})
+        x = inputs(model.config)
+        out = runner(x["img"], x["txt"], torch.tensor([0.5]), x["img_ids"], x["txt_ids"])
+        client.close()
+    assert out.isfinite().all()
+
+
 def test_all_local_steps_notice_a_daemon_given_blocks_again(model, tiny_checkpoint):
     """At n_blocks_remote = 0 no FORWARD goes out; the runner asks for the plan instead."""
     runner, got, expected = _moved_by_the_panel_at_step_two(model, tiny_checkpoint, start=0, to=3)

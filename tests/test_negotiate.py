@@ -1,6 +1,6 @@
 """`--codec auto`: which codec each direction gets, as literal cases."""
 
-from comfy_mesh.codec.negotiate import choose, is_loopback
+from comfy_mesh.codec.negotiate import choose, format_mismatches, is_loopback
 
 ALL = ["cpu", "gpu", "raw"]
 
@@ -34,6 +34,23 @@ def test_gpu_codec_needs_cuda_on_the_sender_else_cpu():
     c = choose("tcp://10.0.0.2:5599", local_encoders=["raw"], local_decoders=["raw"], local_cuda=False,
                peer_encoders=ALL, peer_decoders=ALL, peer_cuda=False)
     assert (c.carry, c.reply) == ("raw", "raw") and "no compressing codec" in c.reason
+
+
+def test_a_codec_whose_message_format_differs_between_the_ends_is_left_out_and_said_why():
+    from comfy_mesh.codec import formats
+
+    ours = formats()
+    older = {**ours, "gpu": ours["gpu"] - 1}
+    mismatched = format_mismatches(older)
+    assert list(mismatched) == ["gpu"] and f"format {ours['gpu']}, the peer's {ours['gpu'] - 1}" in mismatched["gpu"]
+    assert format_mismatches(ours) == {} and format_mismatches(None) == {}  # an older peer that does not say
+    assert format_mismatches({"gpu": ours["gpu"]}) == {}  # a codec the peer does not list is not a mismatch
+    c = choose("tcp://10.0.0.2:5599", local_encoders=ALL, local_decoders=ALL, local_cuda=True,
+               peer_encoders=ALL, peer_decoders=ALL, peer_cuda=True, unusable=mismatched)
+    assert (c.carry, c.reply) == ("cpu", "cpu") and "gpu not used (this end's gpu messages are format" in c.reason
+    c = choose("tcp://10.0.0.2:5599", local_encoders=ALL, local_decoders=ALL, local_cuda=True,
+               peer_encoders=ALL, peer_decoders=ALL, peer_cuda=True, unusable={"raw": "?", "cpu": "?", "gpu": "?"})
+    assert (c.carry, c.reply) == ("raw", "raw")  # raw is what is left, never left out
 
 
 def test_this_machine_decodes_nvenc_messages_it_cannot_encode():
