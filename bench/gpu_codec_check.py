@@ -218,9 +218,17 @@ def main() -> int:
         gpu_kernels.HIST_SHARE = share
         m = codec.encode(x, layout=spec.layout)
         shares[share] = {"ratio": round(x.numel() * 2 / m.nbytes, 3),
-                         "histc_ms": top_kernels(lambda: codec.encode(x, layout=spec.layout)).get("aten::histc")}
+                         "histogram_ms": top_kernels(lambda: codec.encode(x, layout=spec.layout), n=100).get(
+                             "_histogram_kernel")}
     report["histogram_share"] = shares
     gpu_kernels.HIST_SHARE = default_share
+    # ... and the histogram kernel's time by how many histograms its atomics spread over
+    copies, default_copies = {}, gpu_kernels.HIST_COPIES
+    for n in (1, 4, 16, 32, 128):
+        gpu_kernels.HIST_COPIES = n
+        copies[n] = top_kernels(lambda: codec.encode(x, layout=spec.layout), n=100).get("_histogram_kernel")
+    report["histogram_copies_ms"] = copies
+    gpu_kernels.HIST_COPIES = default_copies
     codec = get("gpu", rel_err=0.05)
     # temporal: correlated pairs; the delta message against a key message of the same step
     for rho in (0.9, 0.95):

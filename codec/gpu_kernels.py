@@ -5,7 +5,7 @@ format in torch ops, and the documentation of each stage):
 
 1. statistics: channel medians (centre, spread) over sampled tokens, each token's
    centred and plain squared norm (one read); the loud tokens are picked on the device
-   (gpu_layout.find_loud);
+   (gpu_layout.find_loud, in one kernel: find_loud_fused);
 2. step fit without host syncs: 16 candidate steps spaced by sqrt(2), then 16 spaced by
    2^(1/32) around the best, each pass on a sample of the (tile, channel group)
    programs. Each try recomputes the 8x8 DCT from the input (cheaper than storing
@@ -42,9 +42,9 @@ import torch
 from . import entropy_triton
 from .entropy_triton import any_size, device_constant
 from .entropy import ALPHABET, ESCAPE, EXACT_TOKENS, MAX_EXP, PROB_SCALE, Geometry
-from .gpu_layout import (BUCKET_OFFSET, LOUD_CLASS, MAX_SHIFT, N_BUCKETS, N_CLASSES, REF_DTYPE, ROWS_PER_BLOCK,
+from .gpu_layout import (BUCKET_OFFSET, LOUD_CLASS, LOUD_FACTOR, MAX_SHIFT, N_BUCKETS, N_CLASSES, REF_DTYPE, ROWS_PER_BLOCK,
                          STATS_ROWS, TEXT_CLASS, Layout, aligned, band_of_rows, channel_centre, channel_spread,
-                         channel_steps, dct2_bf16_pieces, dct2_matrix, dct2_piece_sums, find_loud, row_classes,
+                         channel_steps, dct2_bf16_pieces, dct2_matrix, dct2_piece_sums, row_classes,
                          sample_rows)
 
 try:
@@ -71,6 +71,12 @@ FINE_SHARE = 16
 # HIST_SHARE, when set, overrides the choice (bench/gpu_codec_check.py).
 HIST_SHARE: int | None = None
 HIST_SAMPLE = 1 << 18
+# The sampled keys are counted into this many histograms (_histogram_kernel), summed by
+# the tables kernel: they pile onto a few bins (token 0 of the busy contexts), and atomics
+# on one address wait for each other. On an H100 (56.6 MB carry, key message): 1 / 4 / 16
+# / 32 histograms took 0.075 / 0.022 / 0.013 / 0.009 ms, torch.histc 0.061 (0.091 delta).
+HIST_COPIES = 32
+HIST_BLOCK = 1024  # keys per histogram program
 # Channels per tile, and channel blocks per program. Measured on an H200 (bench/NOTES.md):
 # one block of 32 per program runs the fit and quantiser passes 5-25x faster than four of
 # 64 (the loop over blocks keeps more live registers than the SM has).
@@ -105,6 +111,9 @@ PROGRAMS_PER_SM = 8
 # 8 and 1 took 0.061 ms for 512 x 6144 rows, 4 and 4 0.187 ms, 16 and 4 0.378 ms).
 MEDIAN_CHANNELS = 8
 MEDIAN_WARPS = 1
+# The loud-token search (_loud_kernel): one program, image tokens this many at a time.
+LOUD_BLOCK = 1024
+LOUD_WARPS = 8
 GLUE_CHANNELS = 256  # channels per program of the per-channel glue kernels (step fit, buckets)
 
 
@@ -355,15 +364,28 @@ if triton is not None:
         tl.store(used_ptr + b, tl.full((CLS_BLOCK, CB), 1, tl.int32), mask=m)
 
     @any_size
-    def _tables_kernel(hist_ptr, used_ptr, share, freq_ptr, fc_ptr, rcp_ptr, ALPHA: tl.constexpr, SCALE: tl.constexpr):
-        """One context table from the sampled histogram, as entropy.normalize_counts and
-        entropy_triton.packed_tables make it: the frequencies (int16, for the message) and
-        the encoder's packed words and reciprocals. A table some cell uses gives every
-        symbol a frequency (one the sample missed must stay codable)."""
+    def _histogram_kernel(key_ptr, n, hist_ptr, COPIES, BINS: tl.constexpr, BLOCK: tl.constexpr):
+        """The sampled (context, token) keys counted, program p into histogram p % COPIES
+        (see HIST_COPIES); keys < 0 (rows without a symbol) are not counted."""
+        p = tl.program_id(0)
+        i = p * BLOCK + tl.arange(0, BLOCK)
+        key = tl.load(key_ptr + i, mask=i < n, other=-1)
+        tl.atomic_add(hist_ptr + (p % COPIES) * BINS + key, 1, mask=(key >= 0) & (key < BINS), sem="relaxed")
+
+    @triton.jit
+    def _tables_kernel(hist_ptr, copies, used_ptr, share, freq_ptr, fc_ptr, rcp_ptr, ALPHA: tl.constexpr,
+                       SCALE: tl.constexpr, BINS: tl.constexpr):
+        """One context table from the sampled histograms (`copies` of them, summed), as
+        entropy.normalize_counts and entropy_triton.packed_tables make it: the frequencies
+        (int16, for the message) and the encoder's packed words and reciprocals. A table
+        some cell uses gives every symbol a frequency (one the sample missed must stay
+        codable)."""
         t = tl.program_id(0)
         j = tl.arange(0, 64)
         a = j < ALPHA
-        counts = tl.load(hist_ptr + t * 64 + j, mask=a, other=0.0).to(tl.int64)
+        counts = tl.zeros((64,), tl.int64)
+        for c in range(copies):
+            counts += tl.load(hist_ptr + c * BINS + t * 64 + j, mask=a, other=0)
         counts = tl.where(a & (tl.load(used_ptr + t) != 0), counts * share + 1, 0)
         total = tl.sum(counts, 0)
         freq = counts * SCALE // tl.maximum(total, 1)
@@ -424,15 +446,14 @@ if triton is not None:
                 tl.store(esc_pos_ptr + slot, at, mask=keep)
                 tl.store(esc_val_ptr + slot, coef, mask=keep)
             # The rANS tables come from a sample: KEPT of the 64 rows of every tile write
-            # their (context, token) keys for one torch.histc: rows r = v (mod 64 / KEPT),
+            # their (context, token) keys for _histogram_kernel: rows r = v (mod 64 / KEPT),
             # v turning with the tile and channel group, so every frequency band and channel
             # is sampled alike. A sample of whole programs (1/13) cost 5 % of the ratio;
             # tl.histogram over 2048 bins took 4 ms for the whole carry.
             r = tl.arange(0, 64)
             v = (tile + p % GROUPS) % (64 // KEPT)
             at_key = ((p * CHUNKS + j) * KEPT + r // (64 // KEPT))[:, None] * CB + tl.arange(0, CB)[None, :]
-            tl.store(key_ptr + at_key, tl.where(m, b * 64 + tok, -1).to(tl.float32),
-                     mask=(r % (64 // KEPT) == v)[:, None])
+            tl.store(key_ptr + at_key, tl.where(m, b * 64 + tok, -1), mask=(r % (64 // KEPT) == v)[:, None])
 
     @triton.jit
     def _sort_escapes_kernel(count_ptr, pos_ptr, val_ptr, pos_out_ptr, val_out_ptr, CAP: tl.constexpr):
@@ -522,6 +543,75 @@ if triton is not None:
                 c += tl.load(center_ptr + ch, mask=cm, other=0.0)[None, :]
                 tl.store(out_ptr + own.to(tl.int64)[:, None] * C + ch[None, :], c,
                          mask=(own >= 0)[:, None] & cm[None, :])
+
+    @triton.jit
+    def _select_digit(hist, rank, pre, shift: tl.constexpr):
+        """One radix-select step: the 4-bit digit at `shift` of the value of ascending rank
+        `rank` among those the 16 first bins of `hist` counted -> (pre with it, the rank
+        left within the digit's bin)."""
+        j = tl.arange(0, 32)
+        below = tl.cumsum(tl.where(j < 16, hist, 0), 0)  # values in bins <= j
+        digit = tl.sum(((below <= rank) & (j < 16)).to(tl.int32), 0)
+        rank -= tl.sum(tl.where(j < digit, hist, 0), 0)
+        return pre | (digit << shift), rank
+
+    @any_size
+    def _loud_kernel(sq_ptr, n, CAP, HW, T, N_TXT, factor_sq, idx_ptr, count_ptr, BLOCK: tl.constexpr):
+        """gpu_layout.find_loud in one program: the image tokens' (n of them, HW a batch
+        item, after N_TXT text tokens of T) centred squared norms; -> the loud ones'
+        indices, ascending, then -1 up to CAP, and their count. The lower median and
+        the CAP-th largest norm by radix select on the float bits (non-negative floats
+        order like their bits), 4 bits a pass; of equal norms at the cut, the first."""
+        r_med = (n - 1) // 2
+        r_cut = n - tl.minimum(CAP, n)  # ascending rank of the smallest of the CAP largest
+        pre_med = r_med * 0
+        pre_cut = r_med * 0
+        for d in tl.static_range(7, -1, -1):
+            hist_med = tl.zeros((32,), tl.int32)
+            hist_cut = tl.zeros((32,), tl.int32)
+            for start in range(0, n, BLOCK):
+                i = start + tl.arange(0, BLOCK)
+                ok = i < n
+                bits = tl.load(sq_ptr + (i // HW) * T + N_TXT + i % HW, mask=ok, other=0.0).to(tl.int32, bitcast=True)
+                bits = tl.where(bits < 0, 0x7FFFFFFF, bits)  # a negative NaN: with the largest
+                digit = (bits >> (4 * d)) & 15
+                if d < 7:
+                    in_med = ok & ((bits >> (4 * d + 4)) == (pre_med >> (4 * d + 4)))
+                    in_cut = ok & ((bits >> (4 * d + 4)) == (pre_cut >> (4 * d + 4)))
+                else:
+                    in_med = ok
+                    in_cut = ok
+                hist_med += tl.histogram(tl.where(in_med, digit, digit + 16), 32)
+                hist_cut += tl.histogram(tl.where(in_cut, digit, digit + 16), 32)
+            pre_med, r_med = _select_digit(hist_med, r_med, pre_med, 4 * d)
+            pre_cut, r_cut = _select_digit(hist_cut, r_cut, pre_cut, 4 * d)
+        limit = pre_med.to(tl.float32, bitcast=True) * factor_sq
+        ties = r_cut * 0  # equal to the cut and taken: the first of them
+        above = r_cut * 0
+        for start in range(0, n, BLOCK):  # how many are above the cut
+            i = start + tl.arange(0, BLOCK)
+            bits = tl.load(sq_ptr + (i // HW) * T + N_TXT + i % HW, mask=i < n, other=0.0).to(tl.int32, bitcast=True)
+            bits = tl.where(bits < 0, 0x7FFFFFFF, bits)
+            above += tl.sum(((bits > pre_cut) & (i < n)).to(tl.int32), 0)
+        take_ties = tl.minimum(CAP, n) - above
+        found = above * 0
+        for start in range(0, n, BLOCK):
+            i = start + tl.arange(0, BLOCK)
+            ok = i < n
+            v = tl.load(sq_ptr + (i // HW) * T + N_TXT + i % HW, mask=ok, other=0.0)
+            bits = v.to(tl.int32, bitcast=True)
+            bits = tl.where(bits < 0, 0x7FFFFFFF, bits)
+            tie = ok & (bits == pre_cut)
+            tie_rank = ties + tl.cumsum(tie.to(tl.int32), 0) - 1
+            ties += tl.sum(tie.to(tl.int32), 0)
+            chosen = ok & (v > limit) & ((bits > pre_cut) | (tie & (tie_rank < take_ties)))
+            at = found + tl.cumsum(chosen.to(tl.int32), 0) - 1
+            tl.store(idx_ptr + at, i.to(tl.int64), mask=chosen)
+            found += tl.sum(chosen.to(tl.int32), 0)
+        for start in range(0, CAP, BLOCK):
+            j = start + tl.arange(0, BLOCK)
+            tl.store(idx_ptr + j, tl.full((BLOCK,), -1, tl.int64), mask=(j >= found) & (j < CAP))
+        tl.store(count_ptr, found.to(tl.int64))
 
     @any_size
     def _centre_spread_kernel(x_ptr, centre_ptr, spread_ptr, n, C, table_ptr, R: tl.constexpr, CB: tl.constexpr,
@@ -639,6 +729,17 @@ def mark(name: str) -> None:
         PHASES[name] = time.perf_counter()
 
 
+def find_loud_fused(token_sq: torch.Tensor, p: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """gpu_layout.find_loud from every token's centred squared norm (text tokens too: the
+    kernel reads past them) in one kernel: torch's median, topk and sort took 0.062 ms
+    on an H100 for a 64 x 64 grid, most of it waiting on one-block sorts."""
+    idx = torch.empty(p.loud_capacity, dtype=torch.int64, device=token_sq.device)
+    count = torch.empty((), dtype=torch.int64, device=token_sq.device)
+    _loud_kernel[(1,)](token_sq, p.image_tokens, p.loud_capacity, p.h * p.w, p.tokens, p.n_txt, LOUD_FACTOR ** 2,
+                       idx, count, BLOCK=LOUD_BLOCK, num_warps=LOUD_WARPS)
+    return idx, count
+
+
 def _loud_mask(loud_idx: torch.Tensor, image_tokens: int) -> torch.Tensor:
     mask = torch.zeros(image_tokens + 1, dtype=torch.uint8, device=loud_idx.device)
     mask.scatter_(0, torch.where(loud_idx >= 0, loud_idx, image_tokens), 1)  # index_put_ would sync
@@ -739,7 +840,7 @@ def launch_encode(x: torch.Tensor, p: Layout, settings, inputs: Inputs, keep: bo
     _token_sq_kernel[(p.batch * p.tokens,)](x, center, centred_sq, plain_sq, C=p.channels, CB=1024, **through)
     if not delta:
         if p.h:
-            loud_idx, n_loud = find_loud(centred_sq.view(p.batch, p.tokens)[:, p.n_txt:].reshape(-1), p)
+            loud_idx, n_loud = find_loud_fused(centred_sq, p)
         else:
             loud_idx = torch.full((1,), -1, dtype=torch.int64, device=device)
             n_loud = torch.zeros((), dtype=torch.int64, device=device)
@@ -777,18 +878,20 @@ def launch_encode(x: torch.Tensor, p: Layout, settings, inputs: Inputs, keep: bo
         if keep and table is None else None
     share = HIST_SHARE or (64 if max_rows * p.channels >= 64 * HIST_SAMPLE else 16)
     kept = 64 // share  # rows of each tile in the histogram sample
-    keys = torch.empty(grid.programs * CHUNKS * kept * CHANNEL_BLOCK, dtype=torch.float32, device=device)
+    keys = torch.empty(grid.programs * CHUNKS * kept * CHANNEL_BLOCK, dtype=torch.int32, device=device)
     _quantise_kernel[(grid.programs,)](x, *common["pointers"], ref if ref is not None else x,
                                        new_ref if new_ref is not None else x, steps_c, inv_c, buckets,
                                        symbols, keys, esc_count, esc_pos, esc_val, ESCAPE_CAPACITY, kept,
                                        HAS_REF=delta, WRITE_REF=keep, EXACT=EXACT_TOKENS,
                                        MAXE=MAX_EXP, ESC=ESCAPE, SPLIT=SPLIT if common["split"] else 0, **through,
                                        **grid.args(), **({"maxnreg": QUANTISE_MAXNREG} if QUANTISE_MAXNREG else {}))
-    hist = torch.histc(keys, bins=HIST_BINS, min=0, max=HIST_BINS)  # keys < 0 (no symbol) fall outside
+    hist = torch.zeros(HIST_COPIES, HIST_BINS, dtype=torch.int32, device=device)
+    _histogram_kernel[(-(-keys.numel() // HIST_BLOCK),)](keys, keys.numel(), hist, HIST_COPIES, BINS=HIST_BINS,
+                                                         BLOCK=HIST_BLOCK)
     tables = (torch.empty(HIST_BINS, dtype=torch.int32, device=device),
               torch.empty(HIST_BINS, dtype=torch.float64, device=device))
-    _tables_kernel[(N_BUCKETS,)](hist, used, share, layout.view(payload, "freq"), *tables, ALPHA=ALPHABET,
-                                 SCALE=PROB_SCALE, num_warps=1)
+    _tables_kernel[(N_BUCKETS,)](hist, HIST_COPIES, used, share, layout.view(payload, "freq"), *tables, ALPHA=ALPHABET,
+                                 SCALE=PROB_SCALE, BINS=HIST_BINS, num_warps=1)
 
     # 4. rANS, sized for the most loud rows
     n_dev = (p.fixed_rows + n_loud) * p.channels

@@ -291,6 +291,31 @@ def test_fused_rans_kernels_give_the_reference_bytes():
         "print('same bytes')\n", "same bytes")
 
 
+def test_fused_loud_token_search_matches_the_torch_one():
+    """find_loud_fused (one kernel, radix select) picks gpu_layout.find_loud's tokens: none,
+    a few, exactly the capacity, more than the capacity (then the largest, ascending);
+    batches, text tokens ahead, grids not a multiple of the kernel's block."""
+    _run_with_triton(
+        "import torch\n"
+        "from comfy_mesh.codec.gpu_kernels import find_loud_fused\n"
+        "from comfy_mesh.codec.gpu_layout import Layout, find_loud\n"
+        "dev = 'cuda' if torch.cuda.is_available() else 'cpu'\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "for batch, n_txt, h, w, loud in ((1, 7, 12, 13, 0), (2, 5, 16, 40, 3), (1, 0, 40, 40, 25), (1, 0, 40, 40, 50),\n"
+        "                                 (3, 9, 9, 11, 1), (1, 3, 64, 64, 20)):\n"
+        "    p = Layout(batch, n_txt + h * w, 8, n_txt, h, w, ())\n"
+        "    sq = torch.rand(batch, p.tokens, generator=g) * 10 + 1\n"
+        "    img = sq[:, n_txt:].reshape(-1).clone()\n"
+        "    pick = torch.randperm(img.numel(), generator=g)[:loud]\n"
+        "    img[pick] = 1000 + torch.rand(loud, generator=g) * 100\n"
+        "    sq[:, n_txt:] = img.view(batch, -1)\n"
+        "    want_idx, want_n = find_loud(img, p)\n"
+        "    got_idx, got_n = find_loud_fused(sq.reshape(-1).to(dev), p)\n"
+        "    assert int(got_n) == int(want_n) == min(loud, p.loud_capacity), (got_n, want_n)\n"
+        "    assert torch.equal(got_idx.cpu(), want_idx), (got_idx, want_idx)\n"
+        "print('same loud tokens')\n", "same loud tokens")
+
+
 def test_fused_centre_and_spread_match_the_torch_statistics():
     """The one-kernel sampling, centre and spread give gpu_layout's values: the medians
     exactly, the RMS fallback (a channel stuck on one value but for a few) to rounding."""
@@ -317,18 +342,29 @@ def test_fused_centre_and_spread_match_the_torch_statistics():
 
 
 def test_fused_tables_match_the_torch_tables():
-    """The encoder's and the decoder's table kernels give entropy.normalize_counts,
-    entropy_triton.packed_tables and entropy.slot_table, for used, unused and one-symbol
-    tables (the kernels write them again on the device; these are their references)."""
+    """The encoder's histogram and table kernels and the decoder's table kernel give
+    entropy.normalize_counts, entropy_triton.packed_tables and entropy.slot_table, for
+    used, unused and one-symbol tables (the kernels write them again on the device;
+    these are their references); the sampled keys go in shuffled, with rows that have no
+    symbol (-1) among them, counted into several histograms."""
     _run_with_triton(
         "import torch\n"
         "from comfy_mesh.codec import entropy as E, entropy_triton as T, gpu_kernels as K\n"
         "dev = 'cuda' if torch.cuda.is_available() else 'cpu'\n"
         "g = torch.Generator().manual_seed(0)\n"
-        "hist = (torch.rand(32, 64, generator=g) ** 8 * 5000).floor()\n"
+        "hist = (torch.rand(32, 64, generator=g) ** 8 * 500).floor()\n"
+        "hist[:, E.ALPHABET:] = 0\n"
         "hist[3] = 0\n"
         "hist[4] = 0\n"
         "hist[4, 7] = 900  # one symbol\n"
+        "keys = torch.repeat_interleave(torch.arange(32 * 64), hist.reshape(-1).long())\n"
+        "keys = torch.cat([keys, torch.full((777,), -1)])\n"
+        "keys = keys[torch.randperm(keys.numel(), generator=g)].to(torch.int32).to(dev)\n"
+        "copies = 3\n"
+        "counted = torch.zeros(copies, 32 * 64, dtype=torch.int32, device=dev)\n"
+        "K._histogram_kernel[(-(-keys.numel() // 256),)](keys, keys.numel(), counted, copies, BINS=32 * 64, BLOCK=256)\n"
+        "assert torch.equal(counted.sum(0).cpu().view(32, 64).float(), hist)\n"
+        "assert (counted != 0).sum(1).min() > 0  # every histogram took some\n"
         "used = torch.ones(32, dtype=torch.int32)\n"
         "used[3] = 0\n"
         "used[9] = 0  # counts, but no cell points to it\n"
@@ -339,8 +375,8 @@ def test_fused_tables_match_the_torch_tables():
         "out = torch.empty(32 * E.ALPHABET, dtype=torch.int16, device=dev)\n"
         "k_fc = torch.empty(32 * 64, dtype=torch.int32, device=dev)\n"
         "k_rcp = torch.empty(32 * 64, dtype=torch.float64, device=dev)\n"
-        "K._tables_kernel[(32,)](hist.reshape(-1).to(dev), used.to(dev), share, out, k_fc, k_rcp,\n"
-        "                        ALPHA=E.ALPHABET, SCALE=E.PROB_SCALE, num_warps=1)\n"
+        "K._tables_kernel[(32,)](counted, copies, used.to(dev), share, out, k_fc, k_rcp,\n"
+        "                        ALPHA=E.ALPHABET, SCALE=E.PROB_SCALE, BINS=32 * 64, num_warps=1)\n"
         "assert torch.equal(out.cpu().long().view(32, -1), freq)\n"
         "assert torch.equal(k_fc.cpu(), fc) and torch.equal(k_rcp.cpu(), rcp)\n"
         "d_fc = torch.empty(32 * 64, dtype=torch.int32, device=dev)\n"
