@@ -28,13 +28,26 @@ def _from(state: StreamState) -> StreamState:
     return StreamState(seq=state.seq, reference=state.reference, signature=state.signature)
 
 
+def _set_prob_bits(bits: int) -> None:
+    """Every module's copy of the rANS probability precision, before anything is coded."""
+    from comfy_mesh.codec import entropy, entropy_triton, gpu, gpu_kernels
+
+    entropy.PROB_BITS = entropy_triton.PROB_BITS = bits
+    entropy.PROB_SCALE = gpu.PROB_SCALE = gpu_kernels.PROB_SCALE = 1 << bits
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--channels", type=int, default=6144)
     p.add_argument("--rel-err", type=float, default=0.05)
     p.add_argument("--rho", type=float, default=0.9)
     p.add_argument("--min-steps", type=int, default=None, help="rANS steps a lane (default: the codec's)")
+    p.add_argument("--prob-bits", type=int, default=None,
+                   help="rANS probability bits (default: entropy.PROB_BITS; another value writes messages of "
+                        "another format, for this measurement only)")
     args = p.parse_args()
+    if args.prob_bits:
+        _set_prob_bits(args.prob_bits)
     dev = torch.device("cuda")
     spec = CorpusSpec(channels=args.channels)
     a, b = (t.to(dev, torch.bfloat16) for t in synthetic_steps(spec, rho=args.rho, steps=2))
@@ -45,7 +58,7 @@ def main() -> int:
     codec.decode(key, dev, state=received)
     delta = codec.encode(b, state=_from(sent), layout=spec.layout)
     assert delta.header["stream"]["delta"], "the second message should be a delta"
-    report = {"gpu": torch.cuda.get_device_name(), "carry_mb": a.numel() * 2 / 1e6,
+    report = {"gpu": torch.cuda.get_device_name(), "carry_mb": a.numel() * 2 / 1e6, "prob_bits": args.prob_bits,
               "ratio_key": round(a.numel() * 2 / key.nbytes, 3), "ratio_delta": round(b.numel() * 2 / delta.nbytes, 3)}
     calls = {
         "key_encode": lambda: codec.encode(a, state=StreamState(), layout=spec.layout),
@@ -56,7 +69,7 @@ def main() -> int:
     for name, call in calls.items():
         table = kernel_table(call)
         report[name] = {"gpu_ms": table["total_ms"], "launches": table["launches"],
-                        "top": dict(list(table["kernels"].items())[:6])}
+                        "top": dict(list(table["kernels"].items())[:7])}
     report["pair_key_ms"] = round(report["key_encode"]["gpu_ms"] + report["key_decode"]["gpu_ms"], 3)
     report["pair_delta_ms"] = round(report["delta_encode"]["gpu_ms"] + report["delta_decode"]["gpu_ms"], 3)
     print(json.dumps(report, indent=1))
