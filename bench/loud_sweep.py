@@ -3,32 +3,24 @@ and warps, against torch's (gpu_layout.find_loud), on the corpus carry's token n
 
     . bench/device_setup.sh && python bench/loud_sweep.py
 
-Prints one JSON object: microseconds a call (median of 200, CUDA events).
+Prints one JSON object: microseconds a call (median of 200, CUDA events around one
+launch: they include the launch's host time, so compare rows, not totals).
 """
 
 from __future__ import annotations
 
 import json
-import statistics
 
 import torch
 
+from centre_spread_sweep import gpu_ms  # this script's folder is on the path when it runs
 from comfy_mesh.codec import gpu_kernels
 from comfy_mesh.codec.corpus import CorpusSpec, synthetic_carry
 from comfy_mesh.codec.gpu_layout import Layout, find_loud
 
 
-def _us(fn, repeat: int = 200) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return round(statistics.median(times), 1)
+def _us(fn) -> float:
+    return round(gpu_ms(fn, repeat=200) * 1e3, 1)
 
 
 def main() -> int:

