@@ -548,12 +548,21 @@ if triton is not None:
     def _select_digit(hist, rank, pre, shift: tl.constexpr):
         """One radix-select step: the 4-bit digit at `shift` of the value of ascending rank
         `rank` among those the 16 first bins of `hist` counted -> (pre with it, the rank
-        left within the digit's bin)."""
+        left within the digit's bin, how many the digit's bin holds)."""
         j = tl.arange(0, 32)
         below = tl.cumsum(tl.where(j < 16, hist, 0), 0)  # values in bins <= j
         digit = tl.sum(((below <= rank) & (j < 16)).to(tl.int32), 0)
         rank -= tl.sum(tl.where(j < digit, hist, 0), 0)
-        return pre | (digit << shift), rank
+        return pre | (digit << shift), rank, tl.sum(tl.where(j == digit, hist, 0), 0)
+
+    @triton.jit
+    def _norm_bits(sq_ptr, i, n, HW, T, N_TXT):
+        """Image tokens i's squared norms (i < n; after each batch item's N_TXT text tokens
+        of T) and their bits as int32, which order like the norms (non-negative floats);
+        a negative NaN's with the largest."""
+        v = tl.load(sq_ptr + (i // HW) * T + N_TXT + i % HW, mask=i < n, other=0.0)
+        bits = v.to(tl.int32, bitcast=True)
+        return v, tl.where(bits < 0, 0x7FFFFFFF, bits)
 
     @any_size
     def _loud_kernel(sq_ptr, n, CAP, HW, T, N_TXT, factor_sq, idx_ptr, count_ptr, BLOCK: tl.constexpr):
@@ -566,14 +575,14 @@ if triton is not None:
         r_cut = n - tl.minimum(CAP, n)  # ascending rank of the smallest of the CAP largest
         pre_med = r_med * 0
         pre_cut = r_med * 0
+        at_cut = r_med * 0
         for d in tl.static_range(7, -1, -1):
             hist_med = tl.zeros((32,), tl.int32)
             hist_cut = tl.zeros((32,), tl.int32)
             for start in range(0, n, BLOCK):
                 i = start + tl.arange(0, BLOCK)
                 ok = i < n
-                bits = tl.load(sq_ptr + (i // HW) * T + N_TXT + i % HW, mask=ok, other=0.0).to(tl.int32, bitcast=True)
-                bits = tl.where(bits < 0, 0x7FFFFFFF, bits)  # a negative NaN: with the largest
+                norms, bits = _norm_bits(sq_ptr, i, n, HW, T, N_TXT)  # (the norms: not needed here)
                 digit = (bits >> (4 * d)) & 15
                 if d < 7:
                     in_med = ok & ((bits >> (4 * d + 4)) == (pre_med >> (4 * d + 4)))
@@ -583,24 +592,18 @@ if triton is not None:
                     in_cut = ok
                 hist_med += tl.histogram(tl.where(in_med, digit, digit + 16), 32)
                 hist_cut += tl.histogram(tl.where(in_cut, digit, digit + 16), 32)
-            pre_med, r_med = _select_digit(hist_med, r_med, pre_med, 4 * d)
-            pre_cut, r_cut = _select_digit(hist_cut, r_cut, pre_cut, 4 * d)
+            pre_med, r_med, _ = _select_digit(hist_med, r_med, pre_med, 4 * d)
+            pre_cut, r_cut, at_cut = _select_digit(hist_cut, r_cut, pre_cut, 4 * d)
         limit = pre_med.to(tl.float32, bitcast=True) * factor_sq
-        ties = r_cut * 0  # equal to the cut and taken: the first of them
-        above = r_cut * 0
-        for start in range(0, n, BLOCK):  # how many are above the cut
-            i = start + tl.arange(0, BLOCK)
-            bits = tl.load(sq_ptr + (i // HW) * T + N_TXT + i % HW, mask=i < n, other=0.0).to(tl.int32, bitcast=True)
-            bits = tl.where(bits < 0, 0x7FFFFFFF, bits)
-            above += tl.sum(((bits > pre_cut) & (i < n)).to(tl.int32), 0)
-        take_ties = tl.minimum(CAP, n) - above
-        found = above * 0
+        # the last pass's bin holds the norms equal to the cut, r_cut of them below it in
+        # the ascending order: the rest of them are taken, the first in token order
+        take_ties = at_cut - r_cut
+        ties = r_cut * 0  # equal to the cut, seen so far
+        found = r_cut * 0
         for start in range(0, n, BLOCK):
             i = start + tl.arange(0, BLOCK)
             ok = i < n
-            v = tl.load(sq_ptr + (i // HW) * T + N_TXT + i % HW, mask=ok, other=0.0)
-            bits = v.to(tl.int32, bitcast=True)
-            bits = tl.where(bits < 0, 0x7FFFFFFF, bits)
+            v, bits = _norm_bits(sq_ptr, i, n, HW, T, N_TXT)
             tie = ok & (bits == pre_cut)
             tie_rank = ties + tl.cumsum(tie.to(tl.int32), 0) - 1
             ties += tl.sum(tie.to(tl.int32), 0)

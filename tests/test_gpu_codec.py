@@ -314,6 +314,14 @@ def test_fused_loud_token_search_matches_the_torch_one():
         "    got_idx, got_n = find_loud_fused(sq.reshape(-1).to(dev), p)\n"
         "    assert int(got_n) == int(want_n) == min(loud, p.loud_capacity), (got_n, want_n)\n"
         "    assert torch.equal(got_idx.cpu(), want_idx), (got_idx, want_idx)\n"
+        "# equal norms across the cut (torch.topk takes any of them): the first in token order\n"
+        "p = Layout(1, 40 * 40, 8, 0, 40, 40, ())\n"
+        "sq = torch.ones(p.tokens)\n"
+        "sq[100:120] = 500.0\n"
+        "sq[300:310] = 400.0  # 20 above, 10 equal at the cut, 5 of them taken\n"
+        "idx, count = find_loud_fused(sq.to(dev), p)\n"
+        "assert p.loud_capacity == 25 and int(count) == 25\n"
+        "assert idx.cpu().tolist() == list(range(100, 120)) + list(range(300, 305)), idx\n"
         "print('same loud tokens')\n", "same loud tokens")
 
 
