@@ -30,6 +30,8 @@ class Choice:
     carry: str  # codec for what this end sends
     reply: str  # codec for what the peer sends back
     reason: str
+    # why for the carry alone (and the codecs left out), for an end that takes the reply raw
+    carry_reason: str
 
     def to_dict(self) -> dict:
         return {"codec": self.carry, "reply_codec": self.reply, "reason": self.reason}
@@ -64,14 +66,16 @@ def choose(endpoint: str, *, local_encoders: list[str], local_decoders: list[str
     """`unusable`: codecs not to pick, name -> why (format_mismatches())."""
     if is_loopback(endpoint) or fast_link:
         where = "loopback" if is_loopback(endpoint) else "a link marked fast"
-        return Choice("raw", "raw", f"{where}: sending raw tensors is faster than coding them")
+        why = f"{where}: sending raw tensors is faster than coding them"
+        return Choice("raw", "raw", why, why)
     unusable = {n: why for n, why in (unusable or {}).items() if n != "raw"}  # raw is the fallback
     carry, why_carry = _pick(local_encoders, local_cuda, peer_decoders, unusable)
     reply, why_reply = _pick(peer_encoders, peer_cuda, local_decoders, unusable)
-    reason = f"carry {carry}: {why_carry}; reply {reply}: {why_reply}"
     skipped = [f"{n} not used ({why})" for n, why in sorted(unusable.items())
                if n in PREFERENCE and (n in local_encoders or n in peer_encoders)]
-    return Choice(carry, reply, "; ".join([reason] + skipped))
+    carry_part = f"carry {carry}: {why_carry}"
+    return Choice(carry, reply, "; ".join([carry_part, f"reply {reply}: {why_reply}"] + skipped),
+                  "; ".join([carry_part] + skipped))
 
 
 def format_mismatches(peer_formats: dict | None) -> dict[str, str]:

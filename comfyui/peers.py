@@ -290,6 +290,4 @@ def choose_codec(requested: str, endpoint: str, info, *, local_cuda: bool) -> tu
             raise MeshError(f"comfy-mesh: codec {requested!r} cannot be used with this peer: {mismatched[requested]}")
         return check_codec(requested), "chosen on the node"
     choice = choose_for_peer(endpoint, info, local_cuda=local_cuda)
-    # the reply's half does not apply (it comes back raw); codecs left out still say why
-    why = "; ".join(part for part in choice.reason.split("; ") if not part.startswith("reply "))
-    return choice.carry, why
+    return choice.carry, choice.carry_reason  # the reply's half does not apply: it comes back raw

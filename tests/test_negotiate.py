@@ -48,6 +48,8 @@ def test_a_codec_whose_message_format_differs_between_the_ends_is_left_out_and_s
     c = choose("tcp://10.0.0.2:5599", local_encoders=ALL, local_decoders=ALL, local_cuda=True,
                peer_encoders=ALL, peer_decoders=ALL, peer_cuda=True, unusable=mismatched)
     assert (c.carry, c.reply) == ("cpu", "cpu") and "gpu not used (this end's gpu messages are format" in c.reason
+    assert c.carry_reason.startswith("carry cpu: ") and "gpu not used" in c.carry_reason
+    assert "reply" not in c.carry_reason
     c = choose("tcp://10.0.0.2:5599", local_encoders=ALL, local_decoders=ALL, local_cuda=True,
                peer_encoders=ALL, peer_decoders=ALL, peer_cuda=True, unusable={"raw": "?", "cpu": "?", "gpu": "?"})
     assert (c.carry, c.reply) == ("raw", "raw")  # raw is what is left, never left out
