@@ -45,7 +45,7 @@ except ImportError:  # pragma: no cover - depends on the machine
 LANES_PER_WARP = 32
 
 # A packed symbol (int32): context table << 24 | token << 18 | raw bit count << 14 | raw
-# bits. Its top part, context * 64 + token, indexes the (N_BUCKETS, 64) tables.
+# bits. Its top part, context * 64 + token, indexes the encoder's (N_BUCKETS, 64) tables.
 KEY_SHIFT = 18
 TABLE_WIDTH = 64
 # What the decoder writes where an escape's value goes: no coded value is -32768 (values
@@ -141,27 +141,28 @@ if triton is not None:
         return tl.where(need, x >> 16, x), ptr + total
 
     @triton.jit
-    def _refill_both(x, nr, valid, ptr, start, total_words, words_ptr, bad, BALLOT: tl.constexpr):
+    def _refill_both(x, nr, valid, ptr, start, words_ptr, bad, BALLOT: tl.constexpr):
         """After a token: the inverse of the encoder's two _emit calls (raw bits, then the
         token), from a stream read backwards from `ptr`. Both words load at once: whether
         the raw bits need a word too follows from x before any word is read (x < 2^16 takes
         one, and then x * 2^16 + w < 2^(16 + nr) exactly when x < 2^nr), so a step waits
         for one round of votes and loads, not two in a row. -> (x after the token's word,
-        whether the raw bits take a word, that word, ptr, bad); reads before the group's
-        `start` (a corrupt stream) set `bad` and read nothing."""
+        whether the raw bits take a word, that word, ptr, bad). `words_ptr`: uint16. The
+        step's words all lie at or above its new `ptr` (the same in every lane): below the
+        group's `start` (a corrupt stream), `bad` is set and nothing is read. Nothing above
+        the group's end is ever read: `ptr` starts there and only goes down."""
         one = tl.full(x.shape, 1, tl.uint32)
         need1 = valid & (x < 65536)
         need2 = tl.where(need1, x < (one << nr), x < (one << (nr + 16)))
         below1, total1 = _rank(need1, BALLOT)
         below2, total2 = _rank(need2, BALLOT)
-        pos1 = ptr - total1 + below1
         blk = ptr - total1 - total2
-        pos2 = blk + below2
-        bad |= ((need1 & (pos1 < start)) | (need2 & (pos2 < start))).to(tl.int32)
-        w1 = tl.load(words_ptr + pos1, mask=need1 & (pos1 >= start) & (pos1 < total_words), other=0)
-        w2 = tl.load(words_ptr + pos2, mask=need2 & (pos2 >= start) & (pos2 < total_words), other=0)
-        x = tl.where(need1, (x << 16) | (w1.to(tl.uint32) & 0xFFFF), x)
-        return x, need2, w2.to(tl.uint32) & 0xFFFF, blk, bad
+        inside = blk >= start
+        bad |= (~inside).to(tl.int32)
+        w1 = tl.load(words_ptr + (ptr - total1 + below1), mask=need1 & inside, other=0)
+        w2 = tl.load(words_ptr + (blk + below2), mask=need2 & inside, other=0)
+        x = tl.where(need1, (x << 16) | w1.to(tl.uint32), x)
+        return x, need2, w2.to(tl.uint32), blk, bad
 
     @triton.jit
     def _prefetch_l1(ptrs):
@@ -243,6 +244,48 @@ if triton is not None:
         tl.store(count_ptr + g + lanes * 0, ptr, mask=lanes == 0)
         tl.store(state_ptr + g.to(tl.int64) * LANES + lanes, x.to(tl.int32, bitcast=True))
 
+    @triton.jit
+    def _decode_steps(x, ptr, bad, marks, f_min, offs, row, ch, cx, cx_next, start, n, words_ptr, row_base_ptr,
+                      bucket_ptr, fc_ptr, slot_ptr, token_ptr, value_ptr, C: tl.constexpr, STEPS: tl.constexpr,
+                      LANES: tl.constexpr, NB: tl.constexpr, PB: tl.constexpr, BALLOT: tl.constexpr,
+                      PREFETCH: tl.constexpr, ESC: tl.constexpr, MASKED: tl.constexpr):
+        """_decode_kernel's loop over one group's steps. MASKED: some of them lie past the
+        carry's `n` symbols (the last groups); without it every step is in the carry and
+        its masks and selects fold away (about 125 -> 114 instructions a step, sm_90).
+        `fc_ptr`: the packed tables token-major (token * NB + context): the lanes of a
+        warp, 32 channels with contexts of their own, mostly read a few small tokens, so
+        their loads touch a few lines, not one a context."""
+        for i in range(STEPS):
+            if MASKED:
+                valid = offs < n
+            else:
+                valid = tl.full((LANES,), 1, tl.int1)
+            ch_next2, row_next2 = _advance(ch, row, C, LANES)
+            cx_next2 = _bucket(row_next2, ch_next2, offs + 2 * LANES < n, row_base_ptr, bucket_ptr, NB)
+            slot = x & ((1 << PB) - 1)
+            t = tl.load(slot_ptr + cx * (1 << PB) + slot.to(tl.int32), mask=valid, other=0).to(tl.int32)
+            fc = tl.load(fc_ptr + t * NB + cx, mask=valid, other=1 << 16).to(tl.uint32)
+            info = tl.load(token_ptr + t, mask=valid, other=0)
+            f = fc >> 16
+            f_min = tl.minimum(f_min, f)  # 0: a slot of an empty table (a corrupt context)
+            marks += (valid & (t == ESC)).to(tl.int32)
+            f = tl.maximum(f, 1)
+            x = tl.where(valid, (f * (x >> PB) + slot) - (fc & 0xFFFF), x)
+            nr = (info >> 20).to(tl.uint32)
+            x, need2, w2, ptr, bad = _refill_both(x, nr, valid, ptr, start, words_ptr, bad, BALLOT)
+            if PREFETCH:
+                bad |= _prefetch_l1(words_ptr + tl.maximum(ptr - PREFETCH, 0) + offs * 0)
+            raw = (x & ((tl.full((LANES,), 1, tl.uint32) << nr) - 1)).to(tl.int32)
+            x = x >> nr
+            x = tl.where(need2, (x << 16) | w2, x)
+            v = (info & 0xFFFFF) | (raw >> 1)
+            q = tl.where((raw & 1) != 0, -v, v)
+            tl.store(value_ptr + offs, q.to(tl.int16), mask=valid)  # an escape: 32768, as -32768
+            offs += LANES
+            cx, cx_next = cx_next, cx_next2
+            ch, row = ch_next2, row_next2
+        return x, ptr, bad, marks, f_min
+
     @any_size
     def _decode_kernel(words_ptr, start_ptr, count_ptr, state_ptr, total_ptr, row_base_ptr, bucket_ptr, fc_ptr, slot_ptr,
                        token_ptr, value_ptr, marks_ptr, bad_ptr, n, C: tl.constexpr, STEPS: tl.constexpr,
@@ -252,10 +295,15 @@ if triton is not None:
         lanes = tl.arange(0, LANES)
         total_words = tl.load(total_ptr).to(tl.int32)
         start = tl.load(start_ptr + g)
-        ptr = tl.zeros((LANES,), tl.int32) + start + tl.load(count_ptr + g)
+        end = start + tl.load(count_ptr + g)
+        # the steps read only below where the group's words end: a count past the stream
+        # (corrupt) is cut to it here, once, and the stream reads need no upper bound
+        bad = tl.zeros((LANES,), tl.int32) + (end > total_words).to(tl.int32)
+        ptr = tl.zeros((LANES,), tl.int32) + tl.minimum(end, total_words)
         x = tl.load(state_ptr + g.to(tl.int64) * LANES + lanes).to(tl.uint32, bitcast=True)
-        bad = tl.zeros((LANES,), tl.int32)
         marks = tl.zeros((LANES,), tl.int32)  # escapes met (the gpu codec checks them against its list)
+        f_min = tl.full((LANES,), 1, tl.uint32)
+        words_ptr = words_ptr.to(tl.pointer_type(tl.uint16))
         offs = g * STEPS * LANES + lanes
         # each lane's coefficient row and channel, moved on by LANES a step (no division
         # in the loop)
@@ -268,34 +316,17 @@ if triton is not None:
         cx = _bucket(row, ch, offs < n, row_base_ptr, bucket_ptr, NB)
         ch, row = _advance(ch, row, C, LANES)
         cx_next = _bucket(row, ch, offs + LANES < n, row_base_ptr, bucket_ptr, NB)
-        for i in range(STEPS):
-            valid = offs < n
-            ch_next2, row_next2 = _advance(ch, row, C, LANES)
-            cx_next2 = _bucket(row_next2, ch_next2, offs + 2 * LANES < n, row_base_ptr, bucket_ptr, NB)
-            slot = x & ((1 << PB) - 1)
-            t = tl.load(slot_ptr + cx * (1 << PB) + slot.to(tl.int32), mask=valid, other=0).to(tl.int32)
-            fc = tl.load(fc_ptr + cx * 64 + t, mask=valid, other=1 << 16).to(tl.uint32)
-            info = tl.load(token_ptr + t, mask=valid, other=0)
-            f = fc >> 16
-            bad |= (valid & (f == 0)).to(tl.int32)
-            marks += (valid & (t == ESC)).to(tl.int32)
-            f = tl.maximum(f, 1)
-            x = tl.where(valid, (f * (x >> PB) + slot) - (fc & 0xFFFF), x)
-            nr = (info >> 20).to(tl.uint32)
-            x, need2, w2, ptr, bad = _refill_both(x, nr, valid, ptr, start, total_words, words_ptr, bad, BALLOT)
-            if PREFETCH:
-                bad |= _prefetch_l1(words_ptr + tl.maximum(ptr - PREFETCH, 0) + lanes * 0)
-            raw = (x & ((tl.full((LANES,), 1, tl.uint32) << nr) - 1)).to(tl.int32)
-            x = x >> nr
-            x = tl.where(need2, (x << 16) | w2, x)
-            v = (info & 0xFFFFF) | (raw >> 1)
-            q = tl.where((raw & 1) != 0, -v, v)
-            tl.store(value_ptr + offs, q.to(tl.int16), mask=valid)  # an escape: 32768, as -32768
-            offs += LANES
-            cx, cx_next = cx_next, cx_next2
-            ch, row = ch_next2, row_next2
-        bad |= (x != 65536).to(tl.int32)
-        bad |= (ptr != start).to(tl.int32)
+        if (g + 1) * STEPS * LANES <= n:
+            x, ptr, bad, marks, f_min = _decode_steps(x, ptr, bad, marks, f_min, offs, row, ch, cx, cx_next, start,
+                                                      n, words_ptr, row_base_ptr, bucket_ptr, fc_ptr, slot_ptr,
+                                                      token_ptr, value_ptr, C, STEPS, LANES, NB, PB, BALLOT,
+                                                      PREFETCH, ESC, MASKED=False)
+        else:
+            x, ptr, bad, marks, f_min = _decode_steps(x, ptr, bad, marks, f_min, offs, row, ch, cx, cx_next, start,
+                                                      n, words_ptr, row_base_ptr, bucket_ptr, fc_ptr, slot_ptr,
+                                                      token_ptr, value_ptr, C, STEPS, LANES, NB, PB, BALLOT,
+                                                      PREFETCH, ESC, MASKED=True)
+        bad |= ((x != 65536) | (ptr != start) | (f_min == 0)).to(tl.int32)
         tl.atomic_or(bad_ptr + lanes * 0, bad, mask=bad != 0)
         tl.atomic_add(marks_ptr + lanes * 0, marks, mask=marks != 0)
 
@@ -303,14 +334,15 @@ if triton is not None:
     def _decode_tables_kernel(freq_ptr, fc_ptr, slot_ptr, ALPHA: tl.constexpr, PB: tl.constexpr,
                               BLOCK: tl.constexpr):
         """For context table program_id(0): BLOCK of its slots -> symbol (entropy.slot_table),
-        and (the first block's program) its packed words (`packed_tables`)."""
+        and (the first block's program) its packed words (`packed_tables`'s, token-major:
+        see _decode_steps)."""
         t = tl.program_id(0)
         j = tl.arange(0, 64)
         a = j < ALPHA
         freq = tl.load(freq_ptr + t * ALPHA + j, mask=a, other=0).to(tl.int32)
         upto = tl.cumsum(freq, 0)
-        if tl.program_id(1) == 0:
-            tl.store(fc_ptr + t * 64 + j, tl.where(a, (freq << 16) | (upto - freq), 0))
+        if tl.program_id(1) == 0:  # token-major: the decoder's loads (see _decode_steps)
+            tl.store(fc_ptr + j * tl.num_programs(0) + t, tl.where(a, (freq << 16) | (upto - freq), 0))
         slot = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         # the symbol of a slot: how many symbols end at or before it
         sym = tl.sum(((upto[None, :] <= slot[:, None]) & a[None, :]).to(tl.int32), 1)
@@ -424,7 +456,7 @@ def decode(words: torch.Tensor, total_words: torch.Tensor, group_words: torch.Te
     _decode_kernel[(G,)](words, starts, group_words.to(torch.int32).contiguous(), states.contiguous(), total_words,
                          row_bases, buckets, fc, slots,
                          device_constant("tokens", device, _token_table), values, marks, bad, geo.n, C=channels,
-                         STEPS=S, LANES=W, NB=N_BUCKETS, PB=PROB_BITS, BALLOT=_ballot(W),
+                         STEPS=S, LANES=W, NB=tables, PB=PROB_BITS, BALLOT=_ballot(W),
                          PREFETCH=0 if INTERPRETED else PREFETCH_WORDS, ESC=ESCAPE,
                          num_warps=max(1, W // LANES_PER_WARP))
     return values, marks
