@@ -73,8 +73,8 @@ def available(device: torch.device) -> bool:
 # Sizes the codec's kernels take as plain ints. Triton would compile a variant for each
 # pattern of them (== 1, divisible by 16): a carry of a new size would then compile again,
 # inside a sampler step, what GpuCodec.warm_up compiled before. One variant serves every size.
-SIZE_ARGS = ("STRIDE", "N_PROGRAMS", "ESC_CAP", "KEPT", "share", "GROUPS", "T", "N_TXT", "H", "W", "HB", "WB",
-             "TEXT_TILES", "BLOCK_TILES", "TEXT_ROWS", "FIXED_ROWS", "n_loud", "C", "n", "CAP", "HW")
+SIZE_ARGS = ("STRIDE", "N_PROGRAMS", "ESC_CAP", "SAMPLE_SHIFT", "share", "GROUPS", "T", "N_TXT", "H", "W", "HB",
+             "WB", "TEXT_TILES", "BLOCK_TILES", "TEXT_ROWS", "FIXED_ROWS", "n_loud", "C", "n", "CAP", "HW")
 
 
 def any_size(fn):

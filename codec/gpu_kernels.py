@@ -401,7 +401,7 @@ if triton is not None:
     @any_size
     def _quantise_kernel(x_ptr, center_ptr, loud_mask_ptr, loud_idx_ptr, n_loud_ptr, d2_ptr, pieces_ptr, sums_ptr,
                          ref_ptr, new_ref_ptr, steps_ptr, inv_ptr, bucket_ptr, sym_ptr, key_ptr, esc_count_ptr,
-                         esc_pos_ptr, esc_val_ptr, ESC_CAP, KEPT, GROUPS, T, N_TXT, H, W, HB, WB, TEXT_TILES,
+                         esc_pos_ptr, esc_val_ptr, ESC_CAP, SAMPLE_SHIFT, GROUPS, T, N_TXT, H, W, HB, WB, TEXT_TILES,
                          BLOCK_TILES, TEXT_ROWS, FIXED_ROWS, table_ptr, C: tl.constexpr, CB: tl.constexpr,
                          CHUNKS: tl.constexpr, HAS_REF: tl.constexpr, WRITE_REF: tl.constexpr, TEXT: tl.constexpr,
                          LOUD: tl.constexpr, EXACT: tl.constexpr, MAXE: tl.constexpr, ESC: tl.constexpr,
@@ -445,15 +445,19 @@ if triton is not None:
                 keep = esc & (slot < ESC_CAP)
                 tl.store(esc_pos_ptr + slot, at, mask=keep)
                 tl.store(esc_val_ptr + slot, coef, mask=keep)
-            # The rANS tables come from a sample: KEPT of the 64 rows of every tile write
-            # their (context, token) keys for _histogram_kernel: rows r = v (mod 64 / KEPT),
-            # v turning with the tile and channel group, so every frequency band and channel
-            # is sampled alike. A sample of whole programs (1/13) cost 5 % of the ratio;
-            # tl.histogram over 2048 bins took 4 ms for the whole carry.
+            # The rANS tables come from a sample: one in 2^SAMPLE_SHIFT of the 64 rows of
+            # every tile write their (context, token) keys for _histogram_kernel: rows r = v
+            # (mod 2^SAMPLE_SHIFT), v turning with the tile and channel group, so every
+            # frequency band and channel is sampled alike. A sample of whole programs (1/13)
+            # cost 5 % of the ratio; tl.histogram over 2048 bins took 4 ms for the whole
+            # carry. A shift and a mask, not // and % by a runtime period: those compiled to
+            # a division subroutine for each of a thread's 16 elements (sm_90).
             r = tl.arange(0, 64)
-            v = (tile + p % GROUPS) % (64 // KEPT)
-            at_key = ((p * CHUNKS + j) * KEPT + r // (64 // KEPT))[:, None] * CB + tl.arange(0, CB)[None, :]
-            tl.store(key_ptr + at_key, tl.where(m, b * 64 + tok, -1), mask=(r % (64 // KEPT) == v)[:, None])
+            period = 1 << SAMPLE_SHIFT
+            v = (tile + p % GROUPS) & (period - 1)
+            at_key = ((p * CHUNKS + j) * (64 >> SAMPLE_SHIFT) + (r >> SAMPLE_SHIFT))[:, None] * CB + \
+                tl.arange(0, CB)[None, :]
+            tl.store(key_ptr + at_key, tl.where(m, b * 64 + tok, -1), mask=((r & (period - 1)) == v)[:, None])
 
     @triton.jit
     def _sort_escapes_kernel(count_ptr, pos_ptr, val_ptr, pos_out_ptr, val_out_ptr, CAP: tl.constexpr):
@@ -880,11 +884,14 @@ def launch_encode(x: torch.Tensor, p: Layout, settings, inputs: Inputs, keep: bo
     new_ref = torch.empty(max_rows * p.channels, dtype=REF_DTYPE, device=device) \
         if keep and table is None else None
     share = HIST_SHARE or (64 if max_rows * p.channels >= 64 * HIST_SAMPLE else 16)
+    if not (1 <= share <= 64 and share & (share - 1) == 0):
+        raise ValueError(f"HIST_SHARE must be a power of two from 1 to 64, got {share}")
     kept = 64 // share  # rows of each tile in the histogram sample
     keys = torch.empty(grid.programs * CHUNKS * kept * CHANNEL_BLOCK, dtype=torch.int32, device=device)
     _quantise_kernel[(grid.programs,)](x, *common["pointers"], ref if ref is not None else x,
                                        new_ref if new_ref is not None else x, steps_c, inv_c, buckets,
-                                       symbols, keys, esc_count, esc_pos, esc_val, ESCAPE_CAPACITY, kept,
+                                       symbols, keys, esc_count, esc_pos, esc_val, ESCAPE_CAPACITY,
+                                       share.bit_length() - 1,
                                        HAS_REF=delta, WRITE_REF=keep, EXACT=EXACT_TOKENS,
                                        MAXE=MAX_EXP, ESC=ESCAPE, SPLIT=SPLIT if common["split"] else 0, **through,
                                        **grid.args(), **({"maxnreg": QUANTISE_MAXNREG} if QUANTISE_MAXNREG else {}))
