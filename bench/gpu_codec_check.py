@@ -112,11 +112,12 @@ def kernels_match_reference(dev, side: int = 40, channels: int = 96, steps: int 
     words = out[: int(cnt.sum())].cpu().long() & 0xFFFF
     states = st.view(geo.groups, geo.lanes).cpu().long() & 0xFFFFFFFF
     same = torch.equal(words, ref.words) and torch.equal(states, ref.states)
-    bad = torch.zeros(1, dtype=torch.int32, device=dev)
+    bad, marks = torch.zeros(1, dtype=torch.int32, device=dev), torch.zeros(1, dtype=torch.int32, device=dev)
+    group_words = ref.group_words.int().to(dev)
     # int64 words and states wrap to int16 / int32 bit patterns, as they travel
-    values, marks = T.decode(ref.words.to(torch.int16).to(dev), torch.tensor([ref.words.numel()], device=dev),
-                             ref.group_words.int().to(dev), ref.states.to(torch.int32).to(dev), buckets.to(dev),
-                             row_classes(lay, dev), freq.to(dev), geo, bad)
+    values = T.decode(ref.words.to(torch.int16).to(dev), torch.tensor([ref.words.numel()], device=dev),
+                      T.group_starts(group_words), group_words, ref.states.to(torch.int32).to(dev), buckets.to(dev),
+                      (row_classes(lay, dev) * channels).int(), freq.to(dev), geo, bad, marks)
     expect = torch.where(tok == E.ESCAPE, T.ESCAPE_MARK, E.detokenize(tok, raw)).to(torch.int16)
     marked = int((tok == E.ESCAPE).sum())
     return bool(same and torch.equal(values.cpu(), expect) and int(marks) == marked and int(bad) == 0)

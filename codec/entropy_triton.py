@@ -428,22 +428,28 @@ def gather_words(buf: torch.Tensor, counts: torch.Tensor, out: torch.Tensor) -> 
     _gather_words_kernel[(counts.numel(),)](buf, counts, starts, out, buf.shape[1], BLOCK=1024)
 
 
-def decode(words: torch.Tensor, total_words: torch.Tensor, group_words: torch.Tensor, states: torch.Tensor,
-           buckets: torch.Tensor, classes: torch.Tensor, freq: torch.Tensor, geo, bad: torch.Tensor
-           ) -> tuple[torch.Tensor, torch.Tensor]:
+def group_starts(group_words: torch.Tensor) -> torch.Tensor:
+    """Where each group's words start in the stream (int32): the decoder's `starts`."""
+    return (torch.cumsum(group_words.to(torch.int64), 0) - group_words).to(torch.int32)
+
+
+def decode(words: torch.Tensor, total_words: torch.Tensor, starts: torch.Tensor, group_words: torch.Tensor,
+           states: torch.Tensor, buckets: torch.Tensor, row_bases: torch.Tensor, freq: torch.Tensor, geo,
+           bad: torch.Tensor, marks: torch.Tensor) -> torch.Tensor:
     """Decode to the quantised values, (n,) int16: an escape's place holds ESCAPE_MARK
-    (the value itself travels beside the words), and how many there are ((1,) int32).
-    Not dequantised: half the bytes of float32 coefficients to write here and to read
-    again (the gpu codec's inverse kernel applies the steps). `classes`: each coefficient
-    row's class (gpu_layout.row_classes), which picks its row of `buckets`. `words` may
-    be longer than the stream: `total_words` (a 1-element device tensor) says how much
-    is. Corruption sets `bad` (a 1-element int32 device tensor) instead of raising: the
-    caller checks it once."""
+    (the value itself travels beside the words), and add how many there are to `marks`
+    ((1,) int32, zero before). Not dequantised: half the bytes of float32 coefficients
+    to write here and to read again (the gpu codec's inverse kernel applies the steps).
+    `starts`: where each group's words start (`group_starts`, int32). `row_bases`: each
+    coefficient row's class (gpu_layout.row_classes) times the channel count, int32: where
+    its row of `buckets` starts. `words` may be longer than the stream: `total_words` (a
+    1-element device tensor) says how much is. Corruption sets `bad` (a 1-element int32
+    device tensor, zero before) instead of raising: the caller checks it once. The gpu
+    codec makes the small inputs on the host and uploads them with the message: made
+    here, they were a dozen small kernels a decode."""
     device = words.device
     G, S, W = geo.groups, geo.steps, geo.lanes
-    starts = (torch.cumsum(group_words.to(torch.int64), 0) - group_words).to(torch.int32).contiguous()
     values = torch.empty(geo.n, dtype=torch.int16, device=device)
-    marks = torch.zeros(1, dtype=torch.int32, device=device)
     if words.numel() == 0:
         words = torch.zeros(1, dtype=torch.int16, device=device)
     tables = freq.shape[0]
@@ -451,12 +457,9 @@ def decode(words: torch.Tensor, total_words: torch.Tensor, group_words: torch.Te
     slots = torch.empty(tables << PROB_BITS, dtype=torch.uint8, device=device)
     _decode_tables_kernel[(tables, (1 << PROB_BITS) // SLOT_BLOCK)](freq.contiguous(), fc, slots, ALPHA=ALPHABET,
                                                                    PB=PROB_BITS, BLOCK=SLOT_BLOCK)
-    channels = buckets.shape[1]
-    row_bases = (classes * channels).to(torch.int32)  # where each row's tables start in `buckets`
-    _decode_kernel[(G,)](words, starts, group_words.to(torch.int32).contiguous(), states.contiguous(), total_words,
-                         row_bases, buckets, fc, slots,
-                         device_constant("tokens", device, _token_table), values, marks, bad, geo.n, C=channels,
+    _decode_kernel[(G,)](words, starts, group_words, states, total_words, row_bases, buckets, fc, slots,
+                         device_constant("tokens", device, _token_table), values, marks, bad, geo.n, C=buckets.shape[1],
                          STEPS=S, LANES=W, NB=tables, PB=PROB_BITS, BALLOT=_ballot(W),
                          PREFETCH=0 if INTERPRETED else PREFETCH_WORDS, ESC=ESCAPE,
                          num_warps=max(1, W // LANES_PER_WARP))
-    return values, marks
+    return values

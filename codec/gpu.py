@@ -162,6 +162,11 @@ def _upload(chunks: list, device: torch.device) -> tuple[torch.Tensor, list[int]
     return blob, offsets
 
 
+def _torch_dtype(arr: np.ndarray) -> torch.dtype:
+    """The torch dtype of a numpy array's (some are read-only: torch.from_numpy warns)."""
+    return torch.from_numpy(np.empty(0, dtype=arr.dtype)).dtype
+
+
 def _fused(settings: GpuSettings, device: torch.device) -> bool:
     if settings.backend == "auto":
         return gpu_kernels.available(device)
@@ -318,51 +323,54 @@ class GpuCodec:
             raise CodecError("gpu codec word stream has an odd number of bytes: truncated or corrupt")
         _check_small_parts(dict(zip(names, buffers)), sizes["words"], p.n_coef)
         dev = torch.device(device) if device is not None else torch.device("cpu")
-        extras = {"step": np.array([step], dtype=np.float32), "tables": np.array(tables or [0], dtype=np.int64),
-                  "loud": np.array(loud or [-1], dtype=np.int64)}
+        fused = _fused(self.settings, dev)
+        if fused:  # the small inputs the kernels take, made here, go up with the message
+            extras = gpu_kernels.decoder_inputs(p, step, dict(zip(names, buffers)), tables, n_esc,
+                                                sizes["words"] // 2)
+        else:
+            extras = {"step": np.array([step], dtype=np.float32), "tables": np.array(tables or [0], dtype=np.int64),
+                      "loud": np.array(loud or [-1], dtype=np.int64)}
         keep = state is not None and bool(stream)
-        if (_fused(self.settings, dev) and dev.type == "cuda" and self.settings.graphs and tables
+        if (fused and dev.type == "cuda" and self.settings.graphs and tables
                 and n_esc <= gpu_graphs.GRAPH_ESCAPES and sizes["words"] <= 4 * geo.padded):
-            return self._decode_captured(buffers, names, sizes, extras, n_esc, p, geo, out_dtype, delta, keep,
-                                         state, stream, shape, dev)
+            return self._decode_captured(buffers, names, sizes, extras, p, geo, out_dtype, delta, keep, state,
+                                         stream, shape, dev)
         blob, offsets = _upload([buffers[names.index(n)] for n in names] + list(extras.values()), dev)
         pieces = {}
         for i, name in enumerate(names):
             pieces[name] = blob[offsets[i]:offsets[i] + sizes[name]].view(_PART_TYPES[name])
         for j, (name, arr) in enumerate(extras.items()):
             at = offsets[len(names) + j]
-            pieces[name] = blob[at:at + arr.nbytes].view(torch.from_numpy(arr).dtype)
-        freq = torch.zeros(N_BUCKETS, ALPHABET, dtype=torch.int64, device=dev)
-        if tables:
-            freq[pieces["tables"]] = pieces["freq"].to(torch.int64).view(len(tables), ALPHABET)
-        pieces["freq"] = freq
+            pieces[name] = blob[at:at + arr.nbytes].view(_torch_dtype(arr))
         pieces["buckets"] = pieces["buckets"].view(N_CLASSES, p.channels)
         pieces["states"] = pieces["states"].view(groups, lanes)
-        center = state.reference["center"] if delta else pieces["center"].float()
         reference = state.reference["coef"] if delta else None
-        if _fused(self.settings, dev):
+        if fused:
+            center = state.reference["center"] if delta else pieces["center_f32"]
             x, new_ref, bad = gpu_kernels.decode(pieces, p, geo, center, reference, keep, out_dtype)
             if bool(bad.item()):
                 raise CodecError("gpu codec message is corrupt: its tables, word stream or escapes do not add up")
         else:
+            freq = torch.zeros(N_BUCKETS, ALPHABET, dtype=torch.int64, device=dev)
+            if tables:
+                freq[pieces["tables"]] = pieces["freq"].to(torch.int64).view(len(tables), ALPHABET)
+            pieces["freq"] = freq
+            center = state.reference["center"] if delta else pieces["center"].float()
             x, new_ref = gpu_reference.decode(pieces, p, geo, center, reference, keep, out_dtype)
         if keep:
             state.reference, state.signature, state.seq = {"coef": new_ref, "center": center}, p, int(stream["seq"])
         return x.reshape(shape)
 
-    def _decode_captured(self, buffers, names, sizes, extras, n_esc, p, geo, out_dtype, delta, keep, state, stream,
-                         shape, dev) -> torch.Tensor:
+    def _decode_captured(self, buffers, names, sizes, extras, p, geo, out_dtype, delta, keep, state, stream, shape,
+                         dev) -> torch.Tensor:
         """decode() through a captured graph of the fused kernels: the message's parts go
         to fixed places in the graph's own buffers (the words last, with room for the most
         a stream can have; escapes up to GRAPH_ESCAPES)."""
         frames = dict(zip(names, buffers))
         frames.update({name: arr.tobytes() for name, arr in extras.items()})
-        frames["total_words"] = np.array([sizes["words"] // 2], dtype=np.int64).tobytes()
-        frames["n_esc"] = np.array([n_esc], dtype=np.int64).tobytes()
         spec = {name: (sizes[name], _PART_TYPES[name]) for name in names if name not in ("esc_pos", "esc_val", "words")}
-        spec.update({name: (len(arr.tobytes()), torch.from_numpy(arr).dtype) for name, arr in extras.items()})
-        spec.update({"total_words": (8, torch.int64), "n_esc": (8, torch.int64),
-                     "esc_pos": (8 * gpu_graphs.GRAPH_ESCAPES, torch.int64),
+        spec.update({name: (arr.nbytes, _torch_dtype(arr)) for name, arr in extras.items()})
+        spec.update({"esc_pos": (8 * gpu_graphs.GRAPH_ESCAPES, torch.int64),
                      "esc_val": (4 * gpu_graphs.GRAPH_ESCAPES, torch.float32),
                      "words": (4 * geo.padded, torch.int16)})  # words last: the upload is one prefix
         center = state.reference["center"] if delta else None

@@ -22,8 +22,8 @@ import warnings
 import torch
 
 from . import gpu_kernels as K
-from .entropy import ALPHABET, Geometry
-from .gpu_layout import N_BUCKETS, N_CLASSES, REF_DTYPE, Layout, aligned
+from .entropy import Geometry
+from .gpu_layout import N_CLASSES, REF_DTYPE, Layout, aligned
 
 log = logging.getLogger(__name__)
 
@@ -241,13 +241,9 @@ class DecodeGraph:
 
     def _decode(self):
         pieces = {name: self._view(self.blob, name) for name in self.spec}
-        tables = pieces.pop("tables")
-        freq = torch.zeros(N_BUCKETS, ALPHABET, dtype=torch.int64, device=self.blob.device)
-        freq[tables] = pieces["freq"].to(torch.int64).view(tables.numel(), ALPHABET)
-        pieces["freq"] = freq
         pieces["buckets"] = pieces["buckets"].view(N_CLASSES, self.p.channels)
         pieces["states"] = pieces["states"].view(self.geo.groups, self.geo.lanes)
-        center = self.center if self.delta else pieces["center"].float()
+        center = self.center if self.delta else pieces["center_f32"]
         # the reference argument only says there is one: the kernel reads it through the table
         _, _, bad = K.decode(pieces, self.p, self.geo, center, self.center if self.delta else None, self.keep,
                              self.out_dtype, table=self.table.device)

@@ -34,9 +34,11 @@ encode's ~70 launches cost more host time than the GPU spends on them.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 
+import numpy as np
 import torch
 
 from . import entropy_triton
@@ -44,8 +46,7 @@ from .entropy_triton import any_size, device_constant
 from .entropy import ALPHABET, ESCAPE, EXACT_TOKENS, MAX_EXP, PROB_SCALE, Geometry
 from .gpu_layout import (BUCKET_OFFSET, LOUD_CLASS, LOUD_FACTOR, MAX_SHIFT, N_BUCKETS, N_CLASSES, REF_DTYPE,
                          ROWS_PER_BLOCK, STATS_ROWS, TEXT_CLASS, Layout, aligned, band_of_rows, channel_centre,
-                         channel_spread, channel_steps, dct2_bf16_pieces, dct2_matrix, dct2_piece_sums, row_classes,
-                         sample_rows)
+                         channel_spread, dct2_bf16_pieces, dct2_matrix, dct2_piece_sums, sample_rows)
 
 try:
     import triton
@@ -1001,15 +1002,54 @@ def _non_finite():
     return CodecError("cannot encode NaN or Inf values; send this tensor with the raw codec")
 
 
+@functools.lru_cache(maxsize=16)
+def _row_bases(text_rows: int, block_rows: int, loud_rows: int, channels: int) -> np.ndarray:
+    """gpu_layout.row_classes times the channel count, int32, on the host."""
+    blocks = np.tile(band_of_rows().numpy(), block_rows // ROWS_PER_BLOCK)
+    classes = np.concatenate([np.full(text_rows, TEXT_CLASS), blocks, np.full(loud_rows, LOUD_CLASS)])
+    out = (classes * channels).astype(np.int32)
+    out.flags.writeable = False
+    return out
+
+
+def decoder_inputs(p: Layout, step: float, parts: dict, tables: list[int], n_esc: int, words: int) -> dict:
+    """The fused decoder's small inputs, on the host, from the header and the message's
+    small parts (`parts`: name -> bytes; gpu.py has checked them), to go up with the
+    message in its one upload: made on the device they were ~25 small ops a decode (0.06
+    ms of kernels on an H100, each a node of a captured graph). Each channel's step, the
+    full context tables, where each rANS group's words start, each row's context row,
+    the loud tokens' mask, the key's centre in float32, and the buffers the kernels count
+    into, zeroed (`flags`: corrupt, escapes marked; the escape runs' first and last)."""
+    shifts = np.frombuffer(parts["shifts"], dtype=np.uint8).astype(np.int32)
+    freq = np.zeros((N_BUCKETS, ALPHABET), dtype=np.int32)
+    if tables:
+        freq[tables] = np.frombuffer(parts["freq"], dtype=np.int16).reshape(len(tables), ALPHABET)
+    group_words = np.frombuffer(parts["group_words"], dtype=np.int32).astype(np.int64)
+    loud_mask = np.zeros(max(p.image_tokens, 1), dtype=np.uint8)
+    loud_mask[list(p.loud)] = 1
+    tiles = -(-p.text_rows // 64) + p.block_rows // ROWS_PER_BLOCK + -(-p.loud_capacity // 64)
+    out = {"steps": np.ldexp(np.float32(step), -shifts).astype(np.float32),  # exact, as channel_steps
+           "freq_table": freq, "starts": (np.cumsum(group_words) - group_words).astype(np.int32),
+           "row_bases": _row_bases(p.text_rows, p.block_rows, len(p.loud), p.channels),
+           "loud_mask": loud_mask, "loud": np.array(list(p.loud) or [-1], dtype=np.int64),
+           "total_words": np.array([words], dtype=np.int64), "n_esc": np.array([n_esc], dtype=np.int64),
+           "flags": np.zeros(2, dtype=np.int32), "esc_first": np.full(tiles, 2 ** 31 - 1, dtype=np.int32),
+           "esc_last": np.zeros(tiles, dtype=np.int32)}
+    if "center" in parts:  # bf16 bits -> float32, exactly
+        bits = np.frombuffer(parts["center"], dtype=np.uint16).astype(np.uint32) << 16
+        out["center_f32"] = bits.view(np.float32)
+    return out
+
+
 def decode(pieces: dict, layout: Layout, geo: Geometry, center: torch.Tensor, reference: torch.Tensor | None,
            keep: bool, out_dtype: torch.dtype, table: torch.Tensor | None = None
            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Decode on a CUDA device; arguments as gpu_reference.decode, and optionally
-    `total_words` and `n_esc` (device scalars: the words and escapes buffers may be longer
-    than what they hold, as in a captured graph's). gpu.py has checked the parts that
-    steer the kernels (tables, word counts, shifts, buckets, escapes); a corrupt word
-    stream does not raise here: it sets the returned flag (a device tensor the caller
-    reads once).
+    """Decode on a CUDA device: `pieces` are the message's parts and decoder_inputs', on
+    the device (the words and escapes buffers may be longer than what they hold, as in a
+    captured graph's: `total_words` and `n_esc` say how much). gpu.py has checked the
+    parts that steer the kernels (tables, word counts, shifts, buckets, escapes); a
+    corrupt word stream does not raise here: it sets the returned flag (a device tensor
+    the caller reads once).
     -> ((B, T, C) in out_dtype, the new reference coefficients when `keep`, flag).
     With `table` (a captured graph's gpu_graphs.AddressTable, on the device): the
     reference is read from, and the new reference and the output written to, the tensors
@@ -1018,14 +1058,11 @@ def decode(pieces: dict, layout: Layout, geo: Geometry, center: torch.Tensor, re
     p = layout
     device = pieces["words"].device
     n = p.n_coef
-    bad = torch.zeros(1, dtype=torch.int32, device=device)
-    steps_c = channel_steps(pieces["step"].reshape(()), pieces["shifts"].to(torch.int64)).contiguous()
-    total_words = pieces.get("total_words")
-    if total_words is None:
-        total_words = torch.full((1,), pieces["words"].numel(), dtype=torch.int64, device=device)
-    classes = row_classes(p, device, band=device_constant("band", device, band_of_rows))
-    values, marks = entropy_triton.decode(pieces["words"], total_words, pieces["group_words"], pieces["states"],
-                                          pieces["buckets"], classes, pieces["freq"], geo, bad)
+    bad, marks = pieces["flags"][0:1], pieces["flags"][1:2]
+    steps_c = pieces["steps"]
+    values = entropy_triton.decode(pieces["words"], pieces["total_words"], pieces["starts"], pieces["group_words"],
+                                   pieces["states"], pieces["buckets"], pieces["row_bases"],
+                                   pieces["freq_table"].view(N_BUCKETS, ALPHABET), geo, bad, marks)
     grid = _Grid(p, device)
     esc = _escape_rows(pieces, grid, values, marks, bad)
     loud_idx = pieces["loud"]
@@ -1037,7 +1074,7 @@ def decode(pieces: dict, layout: Layout, geo: Geometry, center: torch.Tensor, re
         new_ref = out = None
         pointers = (steps_c, steps_c, steps_c)  # not read: the kernel takes them from the table
     _inverse_kernel[(grid.persistent,)](values, steps_c, *esc, pointers[0], pointers[1], center.contiguous(),
-                                        _loud_mask(loud_idx, p.image_tokens), loud_idx, len(p.loud), grid.d2,
+                                        pieces["loud_mask"], loud_idx, len(p.loud), grid.d2,
                                         pointers[2], table if table is not None else steps_c, grid.programs,
                                         HAS_REF=reference is not None, WRITE_REF=keep, THROUGH=table is not None,
                                         OUT_DT=_TRITON_DTYPES[out_dtype], **grid.args())
@@ -1046,17 +1083,14 @@ def decode(pieces: dict, layout: Layout, geo: Geometry, center: torch.Tensor, re
 
 def _escape_rows(pieces: dict, grid: _Grid, values: torch.Tensor, marks: torch.Tensor, bad: torch.Tensor) -> tuple:
     """-> the inverse kernel's escape arguments: each tile's first listed escape and one
-    past its last (an empty run: none), the positions and the values. Runs where there
-    are no escapes too: the decoder must have marked none."""
+    past its last (an empty run: none; `esc_first` and `esc_last` come in as that), the
+    positions and the values. Runs where there are no escapes too: the decoder must have
+    marked none."""
     p, device = grid.layout, values.device
     pos, val = pieces["esc_pos"], pieces["esc_val"]
     if pos.numel() == 0:  # (the kernels still take a pointer)
         pos, val = torch.zeros(1, dtype=torch.int64, device=device), torch.zeros(1, dtype=torch.float32, device=device)
-    n_esc = pieces.get("n_esc")  # a captured graph's: on the device
-    if n_esc is None:
-        n_esc = torch.full((1,), pieces["esc_pos"].numel(), dtype=torch.int64, device=device)
-    first = torch.full((grid.tiles,), 2 ** 31 - 1, dtype=torch.int32, device=device)
-    last = torch.zeros_like(first)
+    n_esc, first, last = pieces["n_esc"], pieces["esc_first"], pieces["esc_last"]
     block = 256
     _escape_rows_kernel[(-(-pos.numel() // block),)](pos, n_esc, values, marks, first, last, bad, pos.numel(),
                                                       p.channels, grid.text_tiles, grid.block_tiles, p.text_rows,
