@@ -668,15 +668,18 @@ _TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bf
     if triton is not None else {}
 
 
+def _tiles(p: Layout) -> tuple[int, int, int]:
+    """A layout's tiles of 64 coefficient rows: text, 8x8 blocks, loud tokens."""
+    return -(-p.text_rows // 64), p.block_rows // ROWS_PER_BLOCK, -(-p.loud_capacity // 64)
+
+
 class _Grid:
     """Kernel arguments that describe a layout's tiles."""
 
     def __init__(self, layout: Layout, device):
         p = layout
         self.layout = p
-        self.text_tiles = -(-p.text_rows // 64)
-        self.block_tiles = p.block_rows // ROWS_PER_BLOCK
-        self.loud_tiles = -(-p.loud_capacity // 64)
+        self.text_tiles, self.block_tiles, self.loud_tiles = _tiles(p)
         self.tiles = self.text_tiles + self.block_tiles + self.loud_tiles
         self.groups = -(-p.channels // (CHANNEL_BLOCK * CHUNKS))  # channel groups per tile
         self.programs = self.tiles * self.groups
@@ -1015,8 +1018,8 @@ def _row_bases(text_rows: int, block_rows: int, loud_rows: int, channels: int) -
 def decoder_inputs(p: Layout, step: float, parts: dict, tables: list[int], n_esc: int, words: int) -> dict:
     """The fused decoder's small inputs, on the host, from the header and the message's
     small parts (`parts`: name -> bytes; gpu.py has checked them), to go up with the
-    message in its one upload: made on the device they were ~25 small ops a decode (0.06
-    ms of kernels on an H100, each a node of a captured graph). Each channel's step, the
+    message in its one upload: made on the device they were about 30 small ops a decode
+    (0.06 ms of kernels on an H100, each a node of a captured graph). Each channel's step, the
     full context tables, where each rANS group's words start, each row's context row,
     the loud tokens' mask, the key's centre in float32, and the buffers the kernels count
     into, zeroed (`flags`: corrupt, escapes marked; the escape runs' first and last)."""
@@ -1027,7 +1030,7 @@ def decoder_inputs(p: Layout, step: float, parts: dict, tables: list[int], n_esc
     group_words = np.frombuffer(parts["group_words"], dtype=np.int32).astype(np.int64)
     loud_mask = np.zeros(max(p.image_tokens, 1), dtype=np.uint8)
     loud_mask[list(p.loud)] = 1
-    tiles = -(-p.text_rows // 64) + p.block_rows // ROWS_PER_BLOCK + -(-p.loud_capacity // 64)
+    tiles = sum(_tiles(p))
     out = {"steps": np.ldexp(np.float32(step), -shifts).astype(np.float32),  # exact, as channel_steps
            "freq_table": freq, "starts": (np.cumsum(group_words) - group_words).astype(np.int32),
            "row_bases": _row_bases(p.text_rows, p.block_rows, len(p.loud), p.channels),

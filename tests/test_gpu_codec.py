@@ -350,6 +350,39 @@ def test_fused_centre_and_spread_match_the_torch_statistics():
         "print('same statistics')\n", "same statistics")
 
 
+def test_decoder_inputs_made_on_the_host_equal_the_device_ops_they_replaced():
+    """gpu_kernels.decoder_inputs (numpy, from the header and the small parts; uploaded with
+    the message) gives what the torch ops the fused decoder ran on the device gave: the
+    channel steps, the context tables in place, the groups' starts, the rows' context rows,
+    the loud mask, the centre in float32; and zeroed counters."""
+    import numpy as np
+    from comfy_mesh.codec import entropy_triton as T, gpu_kernels as K
+    from comfy_mesh.codec.gpu_layout import Layout, channel_steps, make_layout, row_classes
+
+    x = synthetic_carry(SPEC).bfloat16()
+    msg = get("gpu", rel_err=0.05, backend="torch", min_steps=16).encode(x, layout=SPEC.layout)
+    h = msg.header
+    parts = {name: bytes(b) for name, b in zip(h["parts"], msg.buffers)}
+    grid = make_layout(tuple(h["shape"]), TokenLayout(*h["grid"]), True)
+    p = Layout(grid.batch, grid.tokens, grid.channels, grid.n_txt, grid.h, grid.w, tuple(h["loud"]))
+    # high-norm tokens (a mask to make) and some of the 32 context tables (a scatter to do)
+    assert p.loud and 0 < len(h["tables"]) < 32, (p.loud, h["tables"])
+    got = K.decoder_inputs(p, h["step"], parts, h["tables"], h["n_esc"], len(parts["words"]) // 2)
+    typed = lambda name, dtype: torch.frombuffer(bytearray(parts[name]), dtype=dtype)
+    steps = channel_steps(torch.tensor(h["step"], dtype=torch.float32), typed("shifts", torch.uint8).long())
+    assert torch.equal(torch.from_numpy(got["steps"]), steps)
+    freq = torch.zeros(32, E.ALPHABET, dtype=torch.int32)
+    freq[h["tables"]] = typed("freq", torch.int16).int().view(len(h["tables"]), E.ALPHABET)
+    assert torch.equal(torch.from_numpy(got["freq_table"]), freq)
+    assert torch.equal(torch.from_numpy(got["starts"]), T.group_starts(typed("group_words", torch.int32)))
+    assert torch.equal(torch.from_numpy(got["row_bases"].copy()), (row_classes(p) * p.channels).int())
+    loud = torch.tensor(h["loud"])
+    assert torch.equal(torch.from_numpy(got["loud_mask"]), K._loud_mask(loud, p.image_tokens))
+    assert torch.equal(torch.from_numpy(got["center_f32"]), typed("center", torch.bfloat16).float())
+    assert got["total_words"].tolist() == [len(parts["words"]) // 2] and got["n_esc"].tolist() == [h["n_esc"]]
+    assert not got["flags"].any() and not got["esc_last"].any() and (got["esc_first"] == 2 ** 31 - 1).all()
+
+
 def test_fused_tables_match_the_torch_tables():
     """The encoder's histogram and table kernels and the decoder's table kernel give
     entropy.normalize_counts, entropy_triton.packed_tables and entropy.slot_table, for
