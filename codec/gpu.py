@@ -347,6 +347,8 @@ class GpuCodec:
         reference = state.reference["coef"] if delta else None
         if fused:
             center = state.reference["center"] if delta else pieces["center_f32"]
+            if keep and not delta:  # the stream keeps it: not a view that holds the whole upload
+                center = center.clone()
             x, new_ref, bad = gpu_kernels.decode(pieces, p, geo, center, reference, keep, out_dtype)
             if bool(bad.item()):
                 raise CodecError("gpu codec message is corrupt: its tables, word stream or escapes do not add up")

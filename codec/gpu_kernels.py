@@ -1019,10 +1019,11 @@ def decoder_inputs(p: Layout, step: float, parts: dict, tables: list[int], n_esc
     """The fused decoder's small inputs, on the host, from the header and the message's
     small parts (`parts`: name -> bytes; gpu.py has checked them), to go up with the
     message in its one upload: made on the device they were about 30 small ops a decode
-    (0.06 ms of kernels on an H100, each a node of a captured graph). Each channel's step, the
-    full context tables, where each rANS group's words start, each row's context row,
-    the loud tokens' mask, the key's centre in float32, and the buffers the kernels count
-    into, zeroed (`flags`: corrupt, escapes marked; the escape runs' first and last)."""
+    (0.06 ms of kernels on an H100, each a node of a captured graph). Each channel's
+    step, the full context tables, where each rANS group's words start, each row's
+    context row, the loud tokens' mask, the key's centre in float32, and the buffers the
+    kernels count into, zeroed (`flags`: corrupt, escapes marked; the escape runs' first
+    and last)."""
     shifts = np.frombuffer(parts["shifts"], dtype=np.uint8).astype(np.int32)
     freq = np.zeros((N_BUCKETS, ALPHABET), dtype=np.int32)
     if tables:
