@@ -20,9 +20,10 @@ other's messages. Pipeline (encode):
    exactly.
 
 Temporal mode: the reference is the previous reconstruction's centred coefficients,
-rounded to bf16 (gpu_layout.REF_DTYPE); a delta message codes the change from it
-(element-wise float ops that give the same bits on every device: see gpu_layout on the
-step sizes).
+rounded to bf16 (gpu_layout.REF_DTYPE); a delta message codes the change from it times
+a least-squares weight its header gives (gpu_layout.prediction_weight; element-wise
+float ops that give the same bits on every device: see gpu_layout on the step sizes and
+the weight).
 """
 
 from __future__ import annotations
