@@ -34,7 +34,6 @@ encode's ~70 launches cost more host time than the GPU spends on them.
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 
@@ -45,9 +44,9 @@ from . import entropy_triton
 from .entropy_triton import any_size, device_constant
 from .entropy import ALPHABET, ESCAPE, EXACT_TOKENS, MAX_EXP, PROB_SCALE, Geometry
 from .gpu_layout import (BUCKET_OFFSET, LOUD_CLASS, LOUD_FACTOR, MAX_SHIFT, N_BUCKETS, N_CLASSES, REF_DTYPE,
-                         ROWS_PER_BLOCK, STATS_ROWS, TEXT_CLASS, Layout, aligned, band_of_rows, channel_centre,
+                         ROWS_PER_BLOCK, STATS_ROWS, TEXT_CLASS, Layout, aligned, channel_centre,
                          channel_spread, dct2_bf16_pieces, dct2_matrix, dct2_piece_sums, prediction_weight,
-                         sample_rows)
+                         row_classes, sample_rows)
 
 try:
     import triton
@@ -1038,16 +1037,6 @@ def _non_finite():
     return CodecError("cannot encode NaN or Inf values; send this tensor with the raw codec")
 
 
-@functools.lru_cache(maxsize=16)
-def _row_bases(text_rows: int, block_rows: int, loud_rows: int, channels: int) -> np.ndarray:
-    """gpu_layout.row_classes times the channel count, int32, on the host."""
-    blocks = np.tile(band_of_rows().numpy(), block_rows // ROWS_PER_BLOCK)
-    classes = np.concatenate([np.full(text_rows, TEXT_CLASS), blocks, np.full(loud_rows, LOUD_CLASS)])
-    out = (classes * channels).astype(np.int32)
-    out.flags.writeable = False
-    return out
-
-
 def decoder_inputs(p: Layout, step: float, parts: dict, tables: list[int], n_esc: int, words: int,
                    pred: float) -> dict:
     """The fused decoder's small inputs, on the host, from the header and the message's
@@ -1069,7 +1058,7 @@ def decoder_inputs(p: Layout, step: float, parts: dict, tables: list[int], n_esc
     tiles = sum(_tiles(p))
     out = {"steps": np.ldexp(np.float32(step), -shifts).astype(np.float32),  # exact, as channel_steps
            "freq_table": freq, "starts": (np.cumsum(group_words) - group_words).astype(np.int32),
-           "row_bases": _row_bases(p.text_rows, p.block_rows, len(p.loud), p.channels),
+           "row_bases": (row_classes(p) * p.channels).to(torch.int32).numpy(),
            "loud_mask": loud_mask, "loud": np.array(list(p.loud) or [-1], dtype=np.int64),
            "total_words": np.array([words], dtype=np.int64), "n_esc": np.array([n_esc], dtype=np.int64),
            "flags": np.zeros(2, dtype=np.int32), "esc_first": np.full(tiles, 2 ** 31 - 1, dtype=np.int32),
