@@ -25,13 +25,16 @@ from . import gpu_graphs, gpu_kernels, gpu_reference
 from .base import CodecError, CodecStateError, EncodedTensor, StreamState, TokenLayout
 from .checks import check_codec_and_version, dtype_name, header_dtype, header_field, header_shape, message_parts
 from .entropy import ALPHABET, PROB_SCALE, Geometry
-from .gpu_layout import ALIGN, MAX_SHIFT, N_BUCKETS, N_CLASSES, PRED_MAX, Layout, aligned, make_layout
+from .gpu_layout import (ALIGN, FINEST_STEP, N_BUCKETS, N_CLASSES, PRED_MAX, Layout, aligned, bf16_as_float32,
+                         make_layout)
 
 # 3: the temporal reference is bf16 (gpu_layout.REF_DTYPE); a delta from version 2 meant
 # a float32 one, and the two ends would drift apart. 4: a delta codes the change from the
 # reference times a weight its header gives ("pred", gpu_layout.prediction_weight); a
-# version 3 delta meant weight 1.
-FORMAT_VERSION = 4
+# version 3 delta meant weight 1. 5: each channel's step travels as a bf16 value
+# ("steps", gpu_layout.channel_floors), where version 4 sent a power-of-two shift of the
+# global step ("shifts").
+FORMAT_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,7 @@ def _to_bytes(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
     return host, sizes
 
 
-def _check_small_parts(frames: dict, words_bytes: int, n_coef: int) -> None:
+def _check_small_parts(frames: dict, words_bytes: int, n_coef: int, step: float) -> None:
     """The parts that steer the decoder, checked on the host before anything reaches a
     kernel (they are small; the word stream itself is checked as it decodes): a corrupt
     count would otherwise point the decoder's reads outside its stream."""
@@ -117,7 +120,9 @@ def _check_small_parts(frames: dict, words_bytes: int, n_coef: int) -> None:
     totals = freq.sum(axis=1, dtype=np.int64)
     if (freq < 0).any() or ((totals != 0) & (totals != PROB_SCALE)).any():
         raise CodecError("gpu codec frequency tables are corrupt")
-    if (np.frombuffer(frames["shifts"], dtype=np.uint8) > MAX_SHIFT).any() or \
+    steps = bf16_as_float32(frames["steps"])
+    # a channel's step is the global one or finer, down to FINEST_STEP of it (gpu_layout.channel_steps)
+    if not ((steps <= np.float32(step)) & (steps >= np.float32(step) * np.float32(FINEST_STEP))).all() or \
             (np.frombuffer(frames["buckets"], dtype=np.uint8) >= N_BUCKETS).any():
         raise CodecError("gpu codec context or step buffers are corrupt")
     esc_pos = np.frombuffer(frames["esc_pos"], dtype=np.int64)
@@ -131,8 +136,8 @@ def _check_small_parts(frames: dict, words_bytes: int, n_coef: int) -> None:
 
 def _assemble(parts: dict, tables: list, delta: bool) -> tuple[list, list]:
     """The torch backend's parts as message buffers (names, memoryviews): one host copy."""
-    names = ["shifts", "buckets", "freq", "group_words", "states", "words", "esc_pos", "esc_val"]
-    payload = [parts["shifts"], parts["buckets"], parts["freq"][tables].to(torch.int16), parts["group_words"],
+    names = ["steps", "buckets", "freq", "group_words", "states", "words", "esc_pos", "esc_val"]
+    payload = [parts["steps"], parts["buckets"], parts["freq"][tables].to(torch.int16), parts["group_words"],
                parts["states"], parts["words"], parts["esc_pos"], parts["esc_val"]]
     if not delta:
         names.insert(0, "center")
@@ -177,7 +182,7 @@ def _fused(settings: GpuSettings, device: torch.device) -> bool:
     return settings.backend == "triton"
 
 
-_PART_TYPES = {"center": torch.bfloat16, "shifts": torch.uint8, "buckets": torch.uint8, "freq": torch.int16,
+_PART_TYPES = {"center": torch.bfloat16, "steps": torch.bfloat16, "buckets": torch.uint8, "freq": torch.int16,
                "group_words": torch.int32, "states": torch.int32, "words": torch.int16, "esc_pos": torch.int64,
                "esc_val": torch.float32}
 
@@ -283,7 +288,7 @@ class GpuCodec:
             raise CodecError("gpu codec header has malformed grid/rans/step/parts/n_esc fields") from None
         stream = header.get("stream")
         delta = bool(stream and stream.get("delta"))
-        names = (["center"] if not delta else []) + ["shifts", "buckets", "freq", "group_words", "states", "words",
+        names = (["center"] if not delta else []) + ["steps", "buckets", "freq", "group_words", "states", "words",
                                                       "esc_pos", "esc_val"]
         if sorted(parts) != sorted(names) or len(buffers) != len(names):
             raise CodecError(f"gpu codec message needs {len(names)} buffers {names}, got {len(buffers)}")
@@ -320,7 +325,7 @@ class GpuCodec:
                 and len(set(tables)) == len(tables)):
             raise CodecError("gpu codec header lists impossible context tables")
         sizes = {name: memoryview(b).nbytes for name, b in zip(names, buffers)}
-        expected = {"center": p.channels * 2, "shifts": p.channels, "buckets": N_CLASSES * p.channels,
+        expected = {"center": p.channels * 2, "steps": p.channels * 2, "buckets": N_CLASSES * p.channels,
                     "freq": len(tables) * ALPHABET * 2, "group_words": groups * 4, "states": groups * lanes * 4,
                     "esc_pos": n_esc * 8, "esc_val": n_esc * 4}
         for name, size in expected.items():
@@ -328,14 +333,14 @@ class GpuCodec:
                 raise CodecError(f"gpu codec buffer {name!r} has {sizes[name]} bytes, expected {size}")
         if sizes["words"] % 2:
             raise CodecError("gpu codec word stream has an odd number of bytes: truncated or corrupt")
-        _check_small_parts(dict(zip(names, buffers)), sizes["words"], p.n_coef)
+        _check_small_parts(dict(zip(names, buffers)), sizes["words"], p.n_coef, step)
         dev = torch.device(device) if device is not None else torch.device("cpu")
         fused = _fused(self.settings, dev)
         if fused:  # the small inputs the kernels take, made here, go up with the message
-            extras = gpu_kernels.decoder_inputs(p, step, dict(zip(names, buffers)), tables, n_esc,
-                                                sizes["words"] // 2, pred)
+            extras = gpu_kernels.decoder_inputs(p, dict(zip(names, buffers)), tables, n_esc, sizes["words"] // 2,
+                                                pred)
         else:
-            extras = {"step": np.array([step], dtype=np.float32), "tables": np.array(tables or [0], dtype=np.int64),
+            extras = {"tables": np.array(tables or [0], dtype=np.int64),
                       "loud": np.array(loud or [-1], dtype=np.int64)}
         keep = state is not None and bool(stream)
         if (fused and dev.type == "cuda" and self.settings.graphs and tables

@@ -43,8 +43,8 @@ import torch
 from . import entropy_triton
 from .entropy_triton import any_size, device_constant
 from .entropy import ALPHABET, ESCAPE, EXACT_TOKENS, MAX_EXP, PROB_SCALE, Geometry
-from .gpu_layout import (BUCKET_OFFSET, LOUD_CLASS, LOUD_FACTOR, MAX_SHIFT, N_BUCKETS, N_CLASSES, REF_DTYPE,
-                         ROWS_PER_BLOCK, STATS_ROWS, TEXT_CLASS, Layout, aligned, channel_centre,
+from .gpu_layout import (BUCKET_OFFSET, FINEST_STEP, LOUD_CLASS, LOUD_FACTOR, N_BUCKETS, N_CLASSES, REF_DTYPE,
+                         ROWS_PER_BLOCK, STATS_ROWS, TEXT_CLASS, Layout, aligned, bf16_as_float32, channel_centre,
                          channel_spread, dct2_bf16_pieces, dct2_matrix, dct2_piece_sums, prediction_weight,
                          row_classes, sample_rows)
 
@@ -312,14 +312,14 @@ if triton is not None:
 
     @any_size
     def _candidates_kernel(err_ptr, scale, rel_err, tot_sq_ptr, twelve_over_n, prev_ptr, ratios_ptr, spread_ptr, floor,
-                           cand_ptr, steps_ptr, inv_ptr, shifts_ptr, C, K: tl.constexpr, CB: tl.constexpr,
-                           MODE: tl.constexpr, MAXS: tl.constexpr):
+                           cand_ptr, steps_ptr, inv_ptr, out_ptr, C, K: tl.constexpr, CB: tl.constexpr,
+                           MODE: tl.constexpr, FINEST: tl.constexpr):
         """The step fit's glue for CB channels, on the device. MODE 0: the first pass's K
         candidate steps (ratios around the step that gives `rel_err` on white data; the
         carry's sum of squares times 12 / its size is that step's square / rel_err^2); 1: the
         second pass's (ratios around the first pass's best); 2: the chosen step (the second
-        pass's best; row 0 only, with its shifts). Each with its per-channel steps (K, C)
-        and their reciprocals. `err`: the previous pass's squared error per candidate over
+        pass's best; row 0 only, its channel steps also to `out` in bf16). Each with its
+        per-channel steps (K, C) and their reciprocals. `err`: the previous pass's squared error per candidate over
         its sample, `scale` times that over the whole carry; `prev`: its candidates."""
         ch = tl.program_id(0) * CB + tl.arange(0, CB)
         cm = ch < C
@@ -336,14 +336,11 @@ if triton is not None:
             cand = tl.zeros((K,), tl.float32) + base
         else:  # bf16 values (gpu_layout.round_step)
             cand = (base * tl.load(ratios_ptr + kk)).to(tl.bfloat16).to(tl.float32)
-        # gpu_layout.channel_shifts, exactly: the smallest k >= 0 with
-        # cand / 2^k <= floor * spread, from the exponent and mantissa bits of their ratio
+        # gpu_layout.channel_floors and channel_steps: floor x spread truncated to bf16
         sp = tl.load(spread_ptr + ch, mask=cm, other=0.0)
-        ratio = tl.maximum(cand[:, None] / (floor * tl.maximum(sp, 1e-30))[None, :], 1.0)
-        bits = ratio.to(tl.int32, bitcast=True)
-        k = ((bits >> 23) & 255) - 127 + ((bits & 0x7FFFFF) != 0).to(tl.int32)
-        k = tl.where((sp[None, :] > 0) & (floor > 0), tl.minimum(tl.maximum(k, 0), MAXS), 0)
-        steps = cand[:, None] * ((127 - k) << 23).to(tl.float32, bitcast=True)  # exact: / 2^k
+        bound = (floor * sp).to(tl.int32, bitcast=True) & -65536
+        floors = tl.where((sp > 0) & (floor > 0), bound.to(tl.float32, bitcast=True), float("inf"))
+        steps = tl.minimum(cand[:, None], tl.maximum(floors[None, :], cand[:, None] * FINEST))
         inv = tl.math.div_rn(tl.full((K, CB), 1.0, tl.float32), steps)
         rows = K if MODE < 2 else 1
         at = kk[:, None] * C + ch[None, :]
@@ -351,7 +348,7 @@ if triton is not None:
         tl.store(steps_ptr + at, steps, mask=m)
         tl.store(inv_ptr + at, inv, mask=m)
         if MODE == 2:
-            tl.store(shifts_ptr + at, k.to(tl.uint8), mask=m)
+            tl.store(out_ptr + at, steps.to(tl.bfloat16), mask=m)  # exact: bf16 values
         if tl.program_id(0) == 0:
             tl.store(cand_ptr + kk, cand, mask=kk < rows)
 
@@ -787,9 +784,9 @@ class _StepFit:
         self.twelve_over_n = 12.0 / max(numel, 1)
         self.ratios = device_constant("fit_ratios", spread.device, _fit_ratios)
 
-    def candidates(self, mode: int, previous: tuple | None, shifts_out: torch.Tensor | None = None) -> tuple:
+    def candidates(self, mode: int, previous: tuple | None, steps_out: torch.Tensor | None = None) -> tuple:
         """-> (candidate steps (K,), per-channel steps (K, C), reciprocals (K, C)); mode 2:
-        row 0 only, the chosen step, and its shifts go to `shifts_out` (uint8, (C,))."""
+        row 0 only, the chosen step, and its channel steps also go to `steps_out` (bf16, (C,))."""
         c, device = self.spread.numel(), self.spread.device
         rows = CANDIDATES if mode < 2 else 1
         cand = torch.empty(rows, dtype=torch.float32, device=device)
@@ -798,8 +795,8 @@ class _StepFit:
         err, scale, prev = previous if previous is not None else (self.tot_sq, 1.0, cand)
         _candidates_kernel[(-(-c // GLUE_CHANNELS),)](
             err, scale, self.rel_err, self.tot_sq, self.twelve_over_n, prev, self.ratios[min(mode, 1)], self.spread,
-            self.floor, cand, steps, inv, shifts_out if shifts_out is not None else cand, c, K=CANDIDATES,
-            CB=GLUE_CHANNELS, MODE=mode, MAXS=MAX_SHIFT)
+            self.floor, cand, steps, inv, steps_out if steps_out is not None else cand, c, K=CANDIDATES,
+            CB=GLUE_CHANNELS, MODE=mode, FINEST=FINEST_STEP)
         return cand, steps, inv
 
     def errors(self, common: dict, x, ref, candidates: tuple, share: int, cells: tuple | None, through: dict) -> tuple:
@@ -900,7 +897,7 @@ def launch_encode(x: torch.Tensor, p: Layout, settings, inputs: Inputs, keep: bo
     fine = fit.errors(common, x, ref, fit.candidates(1, coarse), FINE_SHARE, (cells[0], cells[1]), through)
     layout = _Payload(p, _geometry(p, settings, delta))
     payload = torch.empty(layout.capacity, dtype=torch.uint8, device=device)
-    step, steps_c, inv_c = fit.candidates(2, fine, shifts_out=layout.view(payload, "shifts"))
+    step, steps_c, inv_c = fit.candidates(2, fine, steps_out=layout.view(payload, "steps"))
     steps_c, inv_c = steps_c[0], inv_c[0]
 
     # 3. contexts and quantisation
@@ -962,7 +959,7 @@ class _Payload:
 
     def __init__(self, p: Layout, geo: Geometry):
         self.geo = geo
-        sizes = {"center": (p.channels, torch.bfloat16), "shifts": (p.channels, torch.uint8),
+        sizes = {"center": (p.channels, torch.bfloat16), "steps": (p.channels, torch.bfloat16),
                  "buckets": (N_CLASSES * p.channels, torch.uint8), "freq": (N_BUCKETS * ALPHABET, torch.int16),
                  "group_words": (geo.groups, torch.int32), "states": (geo.groups * geo.lanes, torch.int32),
                  "words": (2 * geo.padded, torch.int16)}  # at most two words a symbol
@@ -1037,7 +1034,7 @@ def _non_finite():
     return CodecError("cannot encode NaN or Inf values; send this tensor with the raw codec")
 
 
-def decoder_inputs(p: Layout, step: float, parts: dict, tables: list[int], n_esc: int, words: int,
+def decoder_inputs(p: Layout, parts: dict, tables: list[int], n_esc: int, words: int,
                    pred: float) -> dict:
     """The fused decoder's small inputs, on the host, from the header and the message's
     small parts (`parts`: name -> bytes; gpu.py has checked them), to go up with the
@@ -1048,7 +1045,6 @@ def decoder_inputs(p: Layout, step: float, parts: dict, tables: list[int], n_esc
     the reference (`pred`: 1 for a key, not read), and the buffers the
     kernels count into, zeroed (`flags`: corrupt, escapes marked; the escape runs' first
     and last)."""
-    shifts = np.frombuffer(parts["shifts"], dtype=np.uint8).astype(np.int32)
     freq = np.zeros((N_BUCKETS, ALPHABET), dtype=np.int32)
     if tables:
         freq[tables] = np.frombuffer(parts["freq"], dtype=np.int16).reshape(len(tables), ALPHABET)
@@ -1056,16 +1052,15 @@ def decoder_inputs(p: Layout, step: float, parts: dict, tables: list[int], n_esc
     loud_mask = np.zeros(max(p.image_tokens, 1), dtype=np.uint8)
     loud_mask[list(p.loud)] = 1
     tiles = sum(_tiles(p))
-    out = {"steps": np.ldexp(np.float32(step), -shifts).astype(np.float32),  # exact, as channel_steps
+    out = {"steps": bf16_as_float32(parts["steps"]),
            "freq_table": freq, "starts": (np.cumsum(group_words) - group_words).astype(np.int32),
            "row_bases": (row_classes(p) * p.channels).to(torch.int32).numpy(),
            "loud_mask": loud_mask, "loud": np.array(list(p.loud) or [-1], dtype=np.int64),
            "total_words": np.array([words], dtype=np.int64), "n_esc": np.array([n_esc], dtype=np.int64),
            "flags": np.zeros(2, dtype=np.int32), "esc_first": np.full(tiles, 2 ** 31 - 1, dtype=np.int32),
            "esc_last": np.zeros(tiles, dtype=np.int32), "pred": np.array([pred], dtype=np.float32)}
-    if "center" in parts:  # bf16 bits -> float32, exactly
-        bits = np.frombuffer(parts["center"], dtype=np.uint16).astype(np.uint32) << 16
-        out["center_f32"] = bits.view(np.float32)
+    if "center" in parts:
+        out["center_f32"] = bf16_as_float32(parts["center"])
     return out
 
 
@@ -1075,7 +1070,7 @@ def decode(pieces: dict, layout: Layout, geo: Geometry, center: torch.Tensor, re
     """Decode on a CUDA device: `pieces` are the message's parts and decoder_inputs', on
     the device (the words and escapes buffers may be longer than what they hold, as in a
     captured graph's: `total_words` and `n_esc` say how much). gpu.py has checked the
-    parts that steer the kernels (tables, word counts, shifts, buckets, escapes); a
+    parts that steer the kernels (tables, word counts, steps, buckets, escapes); a
     corrupt word stream does not raise here: it sets the returned flag (a device tensor
     the caller reads once).
     -> ((B, T, C) in out_dtype, the new reference coefficients when `keep`, flag).

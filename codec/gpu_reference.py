@@ -12,8 +12,8 @@ other's messages. Pipeline (encode):
    of the whole tensor this is the rate-optimal choice (reverse water-filling): quiet
    channels and bands fall to zero and cost almost nothing, loud ones get the levels;
    per-channel scaling would spend bits on channels the error metric barely sees. A
-   per-channel floor (channel_rel_err) refines the step by powers of two for channels
-   one global step would zero out;
+   per-channel floor (channel_rel_err) gives a finer step, its own, to channels one
+   global step would zero out;
 4. entropy-code the integers (codec/entropy.py): one rANS table per context, the
    context being the log-spread of the coefficient's (class, channel) cell, so each
    table fits the distribution it codes; values too large for the token set travel
@@ -35,7 +35,7 @@ import torch
 from .base import CodecError
 from .entropy import ALPHABET, ESCAPE, Geometry, RansStreams, detokenize, normalize_counts, rans_decode, \
     rans_encode, tokenize
-from .gpu_layout import (N_BUCKETS, N_CLASSES, REF_DTYPE, Layout, channel_centre, channel_shifts,
+from .gpu_layout import (N_BUCKETS, N_CLASSES, REF_DTYPE, Layout, channel_centre, channel_floors,
                          channel_spread, channel_steps, context_buckets, find_loud, forward, inverse,
                          prediction_weight, round_step, row_classes, sample_rows, symbol_contexts)
 
@@ -66,10 +66,10 @@ def encode(x: torch.Tensor, layout: Layout, settings, reference: dict | None, ke
         coef = coef - pred * ref
     norm = float(x.norm())
     spread = channel_spread(rows - center)
-    floor = settings.channel_rel_err * math.sqrt(12.0)
+    floors = channel_floors(spread, settings.channel_rel_err * math.sqrt(12.0))
     coef2d = coef.view(-1, p.channels)
-    step, shifts = fit_step(coef2d, spread, floor, settings.rel_err * norm, x.numel())
-    steps_c = channel_steps(step, shifts)
+    step = fit_step(coef2d, floors, settings.rel_err * norm, x.numel())
+    steps_c = channel_steps(step, floors)
     q = torch.round(coef2d / steps_c)
     escape = q.abs() >= ESCAPE_LIMIT
     q = torch.where(escape, torch.full_like(q, -ESCAPE_LIMIT), q).to(torch.int64).reshape(-1)
@@ -89,7 +89,7 @@ def encode(x: torch.Tensor, layout: Layout, settings, reference: dict | None, ke
     esc_val = coef[esc_pos]
     out = {
         "layout": p, "step": float(step), "center": None if reference is not None else center,
-        "shifts": shifts.to(torch.uint8), "buckets": buckets, "freq": freq, "geo": geo,
+        "steps": steps_c.to(torch.bfloat16), "buckets": buckets, "freq": freq, "geo": geo,
         "group_words": streams.group_words.to(torch.int32), "states": _as_i32(streams.states),
         "words": _as_i16(streams.words), "esc_pos": esc_pos, "esc_val": esc_val.float(),
         "tables": torch.nonzero(freq.sum(-1) > 0).flatten().tolist(),
@@ -109,14 +109,13 @@ def decode(pieces: dict, layout: Layout, geo: Geometry, center: torch.Tensor, re
     by gpu.py) ->
     ((B, T, C) in out_dtype, the new reference coefficients when `keep`)."""
     p = layout
-    shifts = pieces["shifts"].to(torch.int64)
     buckets = pieces["buckets"].to(torch.int64)
     freq = pieces["freq"]
     group_words = pieces["group_words"].to(torch.int64)
     states = pieces["states"].to(torch.int64) & 0xFFFFFFFF
     words = pieces["words"].to(torch.int64) & 0xFFFF
     esc_pos, esc_val = pieces["esc_pos"], pieces["esc_val"]
-    # tables, word counts, shifts, buckets and escapes were checked by gpu.py (on the host)
+    # tables, word counts, steps, buckets and escapes were checked by gpu.py (on the host)
     ctx = symbol_contexts(p, buckets)
     try:
         token, raw = rans_decode(RansStreams(words, group_words, states.view(geo.groups, geo.lanes)), ctx, freq, geo)
@@ -124,7 +123,7 @@ def decode(pieces: dict, layout: Layout, geo: Geometry, center: torch.Tensor, re
         raise CodecError(f"gpu codec entropy stream is corrupt: {exc}") from None
     if not torch.equal(torch.nonzero(token == ESCAPE).flatten(), esc_pos):  # (the fused decoder checks alike)
         raise CodecError("gpu codec escapes are not where the entropy stream codes them")
-    steps_c = channel_steps(pieces["step"].reshape(()), shifts)
+    steps_c = pieces["steps"].float()
     coef = (detokenize(token, raw).float().view(-1, p.channels) * steps_c).reshape(-1)
     coef[esc_pos] = esc_val
     full = coef if reference is None else pieces["pred"] * reference.float() + coef
@@ -132,9 +131,9 @@ def decode(pieces: dict, layout: Layout, geo: Geometry, center: torch.Tensor, re
     return x.to(out_dtype), (full.to(REF_DTYPE) if keep else None)
 
 
-def fit_step(coef2d: torch.Tensor, spread: torch.Tensor, floor: float, target: float,
-             numel: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The largest step (and its per-channel shifts) whose error stays within `target`.
+def fit_step(coef2d: torch.Tensor, floors: torch.Tensor, target: float, numel: int) -> torch.Tensor:
+    """The largest global step whose error stays within `target`, each channel's step
+    limited by its floor (gpu_layout.channel_steps).
 
     The transform is orthonormal, so the error is measured exactly on the coefficients.
     Start from the high-rate estimate (every coefficient off by a uniform error of
@@ -143,25 +142,23 @@ def fit_step(coef2d: torch.Tensor, spread: torch.Tensor, floor: float, target: f
     it, each one pass over the coefficients. Steps are bf16 values (gpu_layout).
     """
     if target <= 0:
-        one = torch.tensor(1.0, device=coef2d.device)
-        return one, torch.zeros_like(spread, dtype=torch.int64)
+        return torch.tensor(1.0, device=coef2d.device)
     step = target * math.sqrt(12.0 / max(numel, 1))
     best = None
     for _ in range(FIT_ITERATIONS):
         s = round_step(torch.tensor(step, dtype=torch.float32, device=coef2d.device))
-        shifts = channel_shifts(s, spread, floor)
-        steps_c = channel_steps(s, shifts)
+        steps_c = channel_steps(s, floors)
         q = torch.round(coef2d / steps_c)
         err = float(torch.where(q.abs() >= ESCAPE_LIMIT, 0.0, coef2d - q * steps_c).norm())
-        if err <= target and (best is None or float(s) > float(best[0])):
-            best = (s, shifts)
+        if err <= target and (best is None or float(s) > float(best)):
+            best = s
         if err == 0:
             break
         ratio = target / err
         # Over the target: shrink in proportion (the error scales about with the step), with
         # a margin so the next try lands under it. Under: grow, damped, to stay under.
         step = float(s) * (max(0.25, ratio * 0.995) if ratio < 1 else min(4.0, ratio ** 0.9))
-    return best if best is not None else fit_step(coef2d, spread, floor, target * 0.5, numel)
+    return best if best is not None else fit_step(coef2d, floors, target * 0.5, numel)
 
 
 def _as_i32(x: torch.Tensor) -> torch.Tensor:

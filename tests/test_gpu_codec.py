@@ -19,6 +19,7 @@ from comfy_mesh.codec.corpus import CorpusSpec, synthetic_carry, synthetic_steps
 from comfy_mesh.codec import entropy as E
 
 from codec_messages import with_buffer
+from gpu_messages import assert_steps_at_their_floors, message_part
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 SPEC = CorpusSpec(layout=TokenLayout(64, 24, 24), channels=128)
@@ -105,6 +106,32 @@ def test_quiet_channels_keep_their_shape():
     pure = get("gpu", rel_err=0.05, channel_rel_err=0).encode(x, layout=SPEC.layout)
     assert worst_cos(floored) >= 0.95 > worst_cos(pure)
     assert _rel(decode(floored), x) <= 0.05 and _ratio(x, floored) >= 4.0
+    assert assert_steps_at_their_floors(floored, x, 0.25) >= 8
+
+
+def test_a_quiet_channel_gets_the_coarsest_step_its_floor_allows(monkeypatch):
+    """Format 5: a channel's finer step is the bf16 value just under its own limit, sent
+    as such; format 4 refined the global step by powers of two, to between half and all
+    of the limit, and spent bits on the difference."""
+    from comfy_mesh.codec import gpu_reference
+    from comfy_mesh.codec.gpu_layout import channel_steps
+
+    x = synthetic_carry(SPEC)
+    codec = get("gpu", rel_err=0.1)
+    msg = codec.encode(x, layout=SPEC.layout)
+    assert assert_steps_at_their_floors(msg, x, 0.25) >= 8
+    steps = message_part(msg, "steps", torch.bfloat16).float()
+    finer = (steps[steps < msg.header["step"]] / msg.header["step"]).log2()
+    assert bool((finer != finer.round()).any())  # not powers of two of the global step
+
+    def powers_of_two(step, floors):  # format 4's steps: the global one / 2^k, under the limit
+        exact = channel_steps(step, floors)
+        return step[..., None] * torch.exp2(torch.floor(torch.log2(exact / step[..., None])))
+
+    monkeypatch.setattr(gpu_reference, "channel_steps", powers_of_two)
+    format_4 = codec.encode(x, layout=SPEC.layout)
+    assert _ratio(x, msg) >= 1.1 * _ratio(x, format_4), (_ratio(x, msg), _ratio(x, format_4))
+    assert _rel(decode(msg), x) <= 0.1 and _rel(decode(format_4), x) <= 0.1
 
 
 def test_massive_channels_in_bf16_keep_their_shape_too():
@@ -253,6 +280,10 @@ def test_corrupt_messages_are_refused_cleanly():
         "negative word count": with_buffer(msg, counts, torch.tensor([-10 ** 8] + [0] * (groups - 1),
                                                                      dtype=torch.int32).numpy().tobytes()),
         "step not a number": EncodedTensor(msg.header | {"step": float("nan")}, msg.buffers),
+        # a channel's step coarser than the global one (its bound would not hold), or not a number
+        "channel step too coarse": with_buffer(msg, names.index("steps"), _bf16_bytes([msg.header["step"] * 2] * 128)),
+        "channel step not a number": with_buffer(msg, names.index("steps"), _bf16_bytes([float("nan")] * 128)),
+        "channel step zero": with_buffer(msg, names.index("steps"), _bf16_bytes([0.0] * 128)),
         "escape outside": _with_escapes(msg, [10 ** 12], [1.0]),
         "escape not finite": _with_escapes(msg, [5], [float("inf")]),
         # the fused decoder reads each tile's escapes as a run of the list, in order
@@ -267,6 +298,10 @@ def test_corrupt_messages_are_refused_cleanly():
         with pytest.raises(CodecError):
             decode(bad, state=state)
         assert state.reference is None, name  # a refused message leaves the stream as it was
+
+
+def _bf16_bytes(values: list[float]) -> bytes:
+    return torch.tensor(values).bfloat16().view(torch.int16).numpy().tobytes()
 
 
 def test_settings_are_checked():
@@ -397,7 +432,7 @@ def test_decoder_inputs_made_on_the_host_equal_the_device_ops_they_replaced():
     channel steps, the context tables in place, the groups' starts, the rows' context rows,
     the loud mask, the centre in float32; and zeroed counters."""
     from comfy_mesh.codec import entropy_triton as T, gpu_kernels as K
-    from comfy_mesh.codec.gpu_layout import Layout, channel_steps, make_layout, row_classes
+    from comfy_mesh.codec.gpu_layout import Layout, make_layout, row_classes
 
     x = synthetic_carry(SPEC).bfloat16()
     msg = get("gpu", rel_err=0.05, backend="torch", min_steps=16).encode(x, layout=SPEC.layout)
@@ -407,10 +442,9 @@ def test_decoder_inputs_made_on_the_host_equal_the_device_ops_they_replaced():
     p = Layout(grid.batch, grid.tokens, grid.channels, grid.n_txt, grid.h, grid.w, tuple(h["loud"]))
     # high-norm tokens (a mask to make) and some of the 32 context tables (a scatter to do)
     assert p.loud and 0 < len(h["tables"]) < 32, (p.loud, h["tables"])
-    got = K.decoder_inputs(p, h["step"], parts, h["tables"], h["n_esc"], len(parts["words"]) // 2, 1.0)
+    got = K.decoder_inputs(p, parts, h["tables"], h["n_esc"], len(parts["words"]) // 2, 1.0)
     typed = lambda name, dtype: torch.frombuffer(bytearray(parts[name]), dtype=dtype)
-    steps = channel_steps(torch.tensor(h["step"], dtype=torch.float32), typed("shifts", torch.uint8).long())
-    assert torch.equal(torch.from_numpy(got["steps"]), steps)
+    assert torch.equal(torch.from_numpy(got["steps"]), typed("steps", torch.bfloat16).float())
     freq = torch.zeros(32, E.ALPHABET, dtype=torch.int32)
     freq[h["tables"]] = typed("freq", torch.int16).int().view(len(h["tables"]), E.ALPHABET)
     assert torch.equal(torch.from_numpy(got["freq_table"]), freq)
@@ -475,7 +509,7 @@ def test_fused_backend_and_torch_backend_read_each_other():
     """The whole fused encoder and decoder (transform, step fit, quantiser, histogram,
     escapes, loud rows, temporal reference) against the torch backend, both ways."""
     _run_with_triton(
-        "import torch\n"
+        "import sys, torch\n"
         "from comfy_mesh.codec import get\n"
         "from comfy_mesh.codec.base import StreamState, TokenLayout\n"
         "from comfy_mesh.codec.corpus import CorpusSpec, synthetic_steps\n"
@@ -494,6 +528,9 @@ def test_fused_backend_and_torch_backend_read_each_other():
         "    assert torch.equal(dec_t.reference['coef'], enc.reference['coef'])\n"
         "    assert torch.equal(dec_f.reference['coef'], enc.reference['coef'])\n"
         "assert m.header['stream']['delta'] and m.header['loud']\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from gpu_messages import assert_steps_at_their_floors\n"
+        "assert assert_steps_at_their_floors(fused.encode(a, layout=spec.layout), a.cpu(), 0.25) >= 4\n"
         "m = torch_.encode(a, layout=spec.layout)\n"
         "assert m.header['n_esc'] >= 1 and rel(fused.decode(m, dev), a) <= m.rel_err_bound\n"
         "c = a.clone()\n"
@@ -532,7 +569,6 @@ def test_bf16_products_give_the_float32_transform():
         "from comfy_mesh.codec import get, gpu_kernels as K\n"
         "from comfy_mesh.codec.base import TokenLayout\n"
         "from comfy_mesh.codec.corpus import CorpusSpec, synthetic_carry\n"
-        "from comfy_mesh.codec.gpu_layout import channel_steps\n"
         "dev = 'cuda' if torch.cuda.is_available() else 'cpu'\n"
         "launch, got = K.launch_encode, {}\n"
         "def launch_both(x, p, settings, inputs, keep):\n"
@@ -550,9 +586,8 @@ def test_bf16_products_give_the_float32_transform():
         "f32, bf16 = got[0], got[K.SPLIT]\n"
         "assert torch.equal(f32['meta'], bf16['meta'])  # sizes, escapes, loud tokens, the step\n"
         "view = lambda r, name: r['layout'].view(r['payload'], name)\n"
-        "assert torch.equal(view(f32, 'shifts'), view(bf16, 'shifts'))\n"
-        "step = float(f32['meta'][3].to(torch.int32).view(torch.float32))\n"
-        "steps = channel_steps(torch.tensor(step), view(f32, 'shifts').cpu().long())\n"
+        "assert torch.equal(view(f32, 'steps'), view(bf16, 'steps'))\n"
+        "steps = view(f32, 'steps').cpu().float()\n"
         "rows = got['fixed_rows'] + int(f32['meta'][2])  # (the loud rows' room past them: not written)\n"
         "a, b = (r['new_ref'].cpu().float().view(-1, got['channels'])[:rows] for r in (f32, bf16))\n"
         "off = (a - b).abs() / (steps + a.abs() * 2 ** -8)  # one step, and the reference's bf16 rounding\n"
