@@ -285,10 +285,12 @@ def channel_floors(spread: torch.Tensor, floor: float) -> torch.Tensor:
     """Per channel the coarsest step its own `channel_rel_err` allows (`floor` x its spread),
     rounded down to a bf16 value (see the module doc); +inf where nothing limits it.
 
-    Format 4 refined a channel's step by powers of two, to between half and all of this:
-    on average 1.4 times finer than it asked, which cost bits on every quiet channel (on
-    the corpus at 6144 channels, 3.9 % of the ratio at rel_err 0.03, 10 % at 0.05, 23 % at
-    0.1, where most channels are quiet next to the step). (C,) float32."""
+    Format 4 refined the global step by powers of two, to between half and all of this:
+    on average 1.4 times finer than a channel asked, bits spent on every quiet channel
+    (most of them, next to the step, at a loose rel_err). On the corpus (6144 channels,
+    torch backend), against format 4 at its channel_rel_err of 0.25, this at 0.2 gave
+    0.8 / 1.7 / 4.1 / 7.9 % more ratio at rel_err 0.02 / 0.03 / 0.05 / 0.1, and the worst
+    channel fares better (768 channels: cosine 0.952 against 0.928). (C,) float32."""
     bound = (floor * spread.float()).contiguous()
     down = (bound.view(torch.int32) & -65536).view(torch.float32)  # bf16 truncation: <= bound
     return torch.where((spread > 0) & (floor > 0), down, torch.full_like(down, math.inf))

@@ -7,6 +7,7 @@ import math
 import torch
 
 from comfy_mesh.codec import EncodedTensor
+from comfy_mesh.codec.gpu import GpuSettings
 from comfy_mesh.codec.gpu_layout import FINEST_STEP, channel_centre, channel_spread, sample_rows
 
 
@@ -15,7 +16,8 @@ def message_part(msg: EncodedTensor, name: str, dtype: torch.dtype) -> torch.Ten
     return torch.frombuffer(bytearray(bytes(msg.buffers[list(msg.header["parts"]).index(name)])), dtype=dtype)
 
 
-def assert_steps_at_their_floors(msg: EncodedTensor, x: torch.Tensor, channel_rel_err: float) -> int:
+def assert_steps_at_their_floors(msg: EncodedTensor, x: torch.Tensor,
+                                 channel_rel_err: float = GpuSettings.channel_rel_err) -> int:
     """A key message's channel steps are the global step, or where a channel's own error
     limit (channel_rel_err x its spread, as a uniform quantiser's RMS error) asks for a
     finer one, the bf16 value just under that limit: not a power of two finer, as format 4
