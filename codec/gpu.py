@@ -343,8 +343,7 @@ class GpuCodec:
             extras = gpu_kernels.decoder_inputs(p, dict(zip(names, buffers)), tables, n_esc, sizes["words"] // 2,
                                                 pred)
         else:
-            extras = {"tables": np.array(tables or [0], dtype=np.int64),
-                      "loud": np.array(loud or [-1], dtype=np.int64)}
+            extras = {"tables": np.array(tables or [0], dtype=np.int64)}  # where the tables go (below)
         keep = state is not None and bool(stream)
         if (fused and dev.type == "cuda" and self.settings.graphs and tables
                 and n_esc <= gpu_graphs.GRAPH_ESCAPES and sizes["words"] <= 4 * geo.padded):

@@ -187,7 +187,7 @@ def test_temporal_mode_codes_the_change():
     assert _ratio(b, d1) >= 1.5 * _ratio(b, single)
 
 
-def test_a_delta_codes_the_change_from_the_weighted_reference():
+def test_a_delta_codes_the_change_from_the_weighted_reference(monkeypatch):
     """At rho 0.9 the least-squares weight on the reference is below 1 (a bf16 value, in
     the header); it beats weight 1 on the same pair at the same error (by 5 % here); a
     header with an impossible weight is refused. (The pair has no high-norm tokens: the
@@ -212,15 +212,12 @@ def test_a_delta_codes_the_change_from_the_weighted_reference():
     assert _rel(decode(delta, state=dec), b) <= 0.05
     assert torch.equal(dec.reference["coef"], enc.reference["coef"])  # both ends keep the same
     # the same pair, the weight held at 1 (what format 3 did): a larger message
-    import comfy_mesh.codec.gpu_reference as R
-    fitted = R.prediction_weight
-    try:
-        R.prediction_weight = lambda cross, sq: torch.ones((), dtype=torch.float32)
-        enc1 = StreamState()
-        codec.encode(a, state=enc1, layout=spec.layout)
-        plain = codec.encode(b, state=enc1, layout=spec.layout)
-    finally:
-        R.prediction_weight = fitted
+    from comfy_mesh.codec import gpu_reference
+
+    monkeypatch.setattr(gpu_reference, "prediction_weight", lambda cross, sq: torch.ones((), dtype=torch.float32))
+    enc1 = StreamState()
+    codec.encode(a, state=enc1, layout=spec.layout)
+    plain = codec.encode(b, state=enc1, layout=spec.layout)
     assert plain.header["pred"] == 1.0 and delta.nbytes < 0.97 * plain.nbytes, (delta.nbytes, plain.nbytes)
     for bad in (PRED_MAX * 2, -0.5, float("nan"), "0.9", True, None):
         with pytest.raises(CodecError, match="delta weight"):
@@ -443,16 +440,15 @@ def test_decoder_inputs_made_on_the_host_equal_the_device_ops_they_replaced():
     # high-norm tokens (a mask to make) and some of the 32 context tables (a scatter to do)
     assert p.loud and 0 < len(h["tables"]) < 32, (p.loud, h["tables"])
     got = K.decoder_inputs(p, parts, h["tables"], h["n_esc"], len(parts["words"]) // 2, 1.0)
-    typed = lambda name, dtype: torch.frombuffer(bytearray(parts[name]), dtype=dtype)
-    assert torch.equal(torch.from_numpy(got["steps"]), typed("steps", torch.bfloat16).float())
+    assert torch.equal(torch.from_numpy(got["steps"]), message_part(msg, "steps", torch.bfloat16).float())
     freq = torch.zeros(32, E.ALPHABET, dtype=torch.int32)
-    freq[h["tables"]] = typed("freq", torch.int16).int().view(len(h["tables"]), E.ALPHABET)
+    freq[h["tables"]] = message_part(msg, "freq", torch.int16).int().view(len(h["tables"]), E.ALPHABET)
     assert torch.equal(torch.from_numpy(got["freq_table"]), freq)
-    assert torch.equal(torch.from_numpy(got["starts"]), T.group_starts(typed("group_words", torch.int32)))
+    assert torch.equal(torch.from_numpy(got["starts"]), T.group_starts(message_part(msg, "group_words", torch.int32)))
     assert torch.equal(torch.from_numpy(got["row_bases"]), (row_classes(p) * p.channels).int())
     loud = torch.tensor(h["loud"])
     assert torch.equal(torch.from_numpy(got["loud_mask"]), K._loud_mask(loud, p.image_tokens))
-    assert torch.equal(torch.from_numpy(got["center_f32"]), typed("center", torch.bfloat16).float())
+    assert torch.equal(torch.from_numpy(got["center_f32"]), message_part(msg, "center", torch.bfloat16).float())
     assert got["total_words"].tolist() == [len(parts["words"]) // 2] and got["n_esc"].tolist() == [h["n_esc"]]
     assert not got["flags"].any() and not got["esc_last"].any() and (got["esc_first"] == 2 ** 31 - 1).all()
 
