@@ -7,9 +7,8 @@ codec/gpu_kernels.py (fused Triton kernels, run as CUDA graphs by codec/gpu_grap
 and codec/gpu_reference.py (torch ops, anywhere; its docstring walks through the
 pipeline). codec/gpu_layout.py says where each coefficient comes from.
 
-Error: every coefficient is off by at most (1/2 + dead_zone) of the global step (escapes
-are exact), the transform is orthonormal, so ||error|| <= (1/2 + dead_zone) step sqrt(N):
-the header states this bound.
+Error: every coefficient is off by at most step/2 (escapes are exact), the transform
+is orthonormal, so ||error|| <= step/2 * sqrt(N): the header states this bound.
 """
 
 from __future__ import annotations
@@ -44,23 +43,15 @@ class GpuSettings:
     and `graphs` apply to decoding too)."""
 
     #: target relative L2 error of the whole tensor; the step size follows from it.
-    #: Unit: ||error|| / ||x||. The header states a hard bound (about 2x this).
+    #: Unit: ||error|| / ||x||. The header states a hard bound (about 1.7x this).
     rel_err: float = 0.03
     #: the most relative error any one channel should get (its own RMS error over its
     #: robust spread): quiet channels, which one global step would zero out, get a step of
     #: their own, sized as if every coefficient erred by a uniform step/sqrt(12). Those
-    #: near half a step err more (rounded to zero, more so with the dead zone): on the
-    #: corpus (768 channels) the worst channel's cosine was 0.955 at 0.18 with the dead
-    #: zone of 0.1 (without it: 0.952 at 0.2, 0.917 at 0.25, 0.983 at 0.15). 0 turns this
-    #: off (pure rate-optimal allocation). Unit: ratio.
-    channel_rel_err: float = 0.18
-    #: rounding's dead zone (gpu_layout.quantise): a value goes to the level nearer zero
-    #: unless it is past the midpoint by this much of a step. Encoder only (a decoder
-    #: reconstructs q * step either way). 0.1 against plain rounding, with channel_rel_err
-    #: 0.2 -> 0.18 to keep the worst channel, on an H100 at 6144 channels: key messages
-    #: -0.4 % of ratio at rel_err 0.02 to +2 % at 0.05, deltas +4 % to +10 %, the temporal
-    #: gain at rho 0.9 and 0.02 1.47 -> 1.53 (bench/NOTES.md). Unit: steps, in [0, 0.5).
-    dead_zone: float = 0.1
+    #: near half a step err more (rounded to zero): on the corpus (768 channels) the worst
+    #: channel's cosine was 0.952 at 0.2 (0.917 at 0.25, 0.983 at 0.15). 0 turns this off
+    #: (pure rate-optimal allocation). Unit: ratio.
+    channel_rel_err: float = 0.2
     #: use the grid of image tokens (from the TokenLayout hint) for an 8x8 DCT.
     transform: bool = True
     #: code the change from the previous message when a StreamState is given.
@@ -97,8 +88,6 @@ class GpuSettings:
             raise CodecError(f"gpu codec lanes must be a power of two in [1, 1024], got {self.lanes!r}")
         if not (isinstance(self.channel_rel_err, (int, float)) and 0 <= self.channel_rel_err < math.inf):
             raise CodecError(f"gpu codec channel_rel_err must be a number >= 0, got {self.channel_rel_err!r}")
-        if not (isinstance(self.dead_zone, (int, float)) and 0 <= self.dead_zone < 0.5):
-            raise CodecError(f"gpu codec dead_zone must be in [0, 0.5), got {self.dead_zone!r}")
         for name in ("transform", "temporal", "graphs"):
             if not isinstance(getattr(self, name), bool):
                 raise CodecError(f"gpu codec {name} must be true or false, got {getattr(self, name)!r}")
@@ -267,7 +256,7 @@ class GpuCodec:
             names, buffers = _assemble(parts, used, delta)
             n_esc = int(parts["esc_pos"].numel())
         sizes = [memoryview(b).nbytes for b in buffers]
-        bound = ((0.5 + s.dead_zone) * step * math.sqrt(p.n_coef) / norm if norm > 0 else 0.0) + 1e-5
+        bound = (step / 2 * math.sqrt(p.n_coef) / norm if norm > 0 else 0.0) + 1e-5
         if tensor.dtype in (torch.bfloat16, torch.float16):
             bound += (2.0 ** -8 if tensor.dtype == torch.bfloat16 else 2.0 ** -11) * (1 + bound)
         header = {

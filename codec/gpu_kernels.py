@@ -257,8 +257,7 @@ if triton is not None:
 
     @any_size
     def _fit_kernel(x_ptr, center_ptr, loud_mask_ptr, loud_idx_ptr, n_loud_ptr, d2_ptr, pieces_ptr, sums_ptr, ref_ptr,
-                    pred_ptr, steps_ptr, inv_ptr, err_ptr, sq_ptr, count_ptr, ROUND_OFFSET, STRIDE, N_PROGRAMS,
-                    GROUPS, T, N_TXT, H,
+                    pred_ptr, steps_ptr, inv_ptr, err_ptr, sq_ptr, count_ptr, STRIDE, N_PROGRAMS, GROUPS, T, N_TXT, H,
                     W, HB, WB, TEXT_TILES, BLOCK_TILES, TEXT_ROWS, FIXED_ROWS, table_ptr, C: tl.constexpr,
                     CB: tl.constexpr, CHUNKS: tl.constexpr, K: tl.constexpr, HAS_REF: tl.constexpr,
                     SQ: tl.constexpr, PRED: tl.constexpr, TEXT: tl.constexpr, LOUD: tl.constexpr,
@@ -269,10 +268,8 @@ if triton is not None:
         from the reference times its weight (at pred_ptr; with HAS_REF); with SQ, each
         (class, channel)'s sum of squared coefficients too. PRED (with HAS_REF): the
         weight's sums instead, the coefficients' dot product with the reference's and the
-        reference's sum of squares, in the first two of the program's K slots.
-        ROUND_OFFSET: added to a magnitude over its step before flooring (1/2 less the
-        dead zone: gpu_layout.quantise). THROUGH: the carry and the reference come from
-        the address table."""
+        reference's sum of squares, in the first two of the program's K slots. THROUGH:
+        the carry and the reference come from the address table."""
         if THROUGH:
             x_ptr = _through(table_ptr, SLOT_X, X_DT)
             ref_ptr = _through(table_ptr, SLOT_REF, tl.bfloat16)
@@ -305,12 +302,11 @@ if triton is not None:
                     if n_rows > 0:
                         tl.atomic_add(sq_ptr + c * C + ch, tl.sum(tl.where(in_class[:, None], sq, 0.0), 0), mask=cm)
                         tl.atomic_add(count_ptr + c * C + ch, tl.zeros((CB,), tl.float32) + n_rows, mask=cm)
-            mag = tl.abs(coef)  # the rounding is symmetric: magnitudes err as the values do
             for k in tl.static_range(K if not PRED else 0):
                 s = tl.load(steps_ptr + k * C + ch, mask=cm, other=1.0)
                 inv = tl.load(inv_ptr + k * C + ch, mask=cm, other=1.0)
-                qf = tl.floor(mag * inv[None, :] + ROUND_OFFSET)
-                e = tl.where(qf >= 32768.0, 0.0, mag - qf * s[None, :])
+                qf = tl.floor(coef * inv[None, :] + 0.5)
+                e = tl.where(tl.abs(qf) >= 32768.0, 0.0, coef - qf * s[None, :])
                 acc += tl.where((kk == k)[:, None], tl.sum(e * e, 1)[None, :], 0.0)
         tl.store(err_ptr + pid.to(tl.int64) * K + kk, tl.sum(acc, 1))
 
@@ -411,15 +407,13 @@ if triton is not None:
     @any_size
     def _quantise_kernel(x_ptr, center_ptr, loud_mask_ptr, loud_idx_ptr, n_loud_ptr, d2_ptr, pieces_ptr, sums_ptr,
                          ref_ptr, pred_ptr, new_ref_ptr, steps_ptr, inv_ptr, bucket_ptr, sym_ptr, key_ptr,
-                         esc_count_ptr, esc_pos_ptr, esc_val_ptr, ESC_CAP, ROUND_OFFSET, SAMPLE_SHIFT, GROUPS, T,
-                         N_TXT, H, W, HB, WB,
+                         esc_count_ptr, esc_pos_ptr, esc_val_ptr, ESC_CAP, SAMPLE_SHIFT, GROUPS, T, N_TXT, H, W, HB, WB,
                          TEXT_TILES, BLOCK_TILES, TEXT_ROWS, FIXED_ROWS, table_ptr, C: tl.constexpr, CB: tl.constexpr,
                          CHUNKS: tl.constexpr, HAS_REF: tl.constexpr, WRITE_REF: tl.constexpr, TEXT: tl.constexpr,
                          LOUD: tl.constexpr, EXACT: tl.constexpr, MAXE: tl.constexpr, ESC: tl.constexpr,
                          PREC: tl.constexpr, SPLIT: tl.constexpr, THROUGH: tl.constexpr, X_DT: tl.constexpr):
-        """ROUND_OFFSET: added to a magnitude over its step before flooring
-        (gpu_layout.quantise). THROUGH: the carry, the reference and the new reference
-        come from the address table (at table_ptr)."""
+        """THROUGH: the carry, the reference and the new reference come from the address
+        table (at table_ptr)."""
         if THROUGH:
             x_ptr = _through(table_ptr, SLOT_X, X_DT)
             ref_ptr = _through(table_ptr, SLOT_REF, tl.bfloat16)
@@ -439,10 +433,7 @@ if triton is not None:
                 coef -= ref
             s = tl.load(steps_ptr + ch, mask=cm, other=1.0)
             inv = tl.load(inv_ptr + ch, mask=cm, other=1.0)
-            # gpu_layout.quantise's rounding as floor(v + offset), the offset mirrored for
-            # negative v: no magnitude held beside the value (this kernel is at its register
-            # cap, QUANTISE_MAXNREG, and spills what does not fit)
-            qf = tl.floor(coef * inv[None, :] + tl.where(coef < 0, 1.0 - ROUND_OFFSET, ROUND_OFFSET))
+            qf = tl.floor(coef * inv[None, :] + 0.5)
             esc = m & (tl.abs(qf) >= 32768.0)
             q = tl.where(esc, -32768, qf.to(tl.int32))
             # the symbols, packed for the rANS encoder (entropy_triton.pack_symbols)
@@ -791,7 +782,6 @@ class _StepFit:
         self.grid, self.spread, self.tot_sq = grid, spread, tot_sq
         self.rel_err, self.floor = settings.rel_err, settings.channel_rel_err * math.sqrt(12.0)
         self.twelve_over_n = 12.0 / max(numel, 1)
-        self.round_offset = 0.5 - settings.dead_zone
         self.ratios = device_constant("fit_ratios", spread.device, _fit_ratios)
 
     def candidates(self, mode: int, previous: tuple | None, steps_out: torch.Tensor | None = None) -> tuple:
@@ -834,8 +824,8 @@ class _StepFit:
         sq, count = cells if cells is not None else (part, part)
         steps, inv = steps if steps is not None else (part, part)  # (not read when fitting the weight)
         _fit_kernel[(n_prog,)](x, *common["pointers"], ref if ref is not None else x, common["pred"], steps, inv,
-                               part, sq, count, self.round_offset, stride, grid.programs, K=CANDIDATES,
-                               HAS_REF=ref is not None, SQ=cells is not None, PRED=weight, NCLS=N_CLASSES,
+                               part, sq, count, stride, grid.programs, K=CANDIDATES, HAS_REF=ref is not None,
+                               SQ=cells is not None, PRED=weight, NCLS=N_CLASSES,
                                SPLIT=FIT_SPLIT if common["split"] else 0,
                                **through, **(grid.args() | {"PREC": FIT_PRECISION}))
         return part, n_prog
@@ -932,7 +922,7 @@ def launch_encode(x: torch.Tensor, p: Layout, settings, inputs: Inputs, keep: bo
     _quantise_kernel[(grid.programs,)](x, *common["pointers"], ref if ref is not None else x, common["pred"],
                                        new_ref if new_ref is not None else x, steps_c, inv_c, buckets,
                                        symbols, keys, esc_count, esc_pos, esc_val, ESCAPE_CAPACITY,
-                                       fit.round_offset, share.bit_length() - 1,
+                                       share.bit_length() - 1,
                                        HAS_REF=delta, WRITE_REF=keep, EXACT=EXACT_TOKENS,
                                        MAXE=MAX_EXP, ESC=ESCAPE, SPLIT=SPLIT if common["split"] else 0, **through,
                                        **grid.args(), **({"maxnreg": QUANTISE_MAXNREG} if QUANTISE_MAXNREG else {}))

@@ -281,22 +281,6 @@ def round_step(step: torch.Tensor) -> torch.Tensor:
     return step.to(torch.bfloat16).float()
 
 
-def quantise(scaled: torch.Tensor, dead_zone: float) -> torch.Tensor:
-    """Coefficients over their step -> the integers to send: a magnitude rounds up only
-    when it is past the midpoint between two levels by `dead_zone` (of a step); 0 is
-    rounding to nearest. Symmetric in sign.
-
-    The decoder reconstructs q * step whatever the rounding (the encoder's choice, not
-    the format's). A value just past a midpoint costs the bits of the level further
-    from zero, where most of the distribution is not, for little error saved; the
-    step fit then makes up the error with a finer step, cheaper in bits where levels
-    are sparse (deltas, high bands, loose errors). Numbers: GpuSettings.dead_zone.
-    float32 -> float32 (integral values)."""
-    if dead_zone == 0:
-        return torch.round(scaled)
-    return torch.sign(scaled) * torch.floor(scaled.abs() + (0.5 - dead_zone))
-
-
 def channel_floors(spread: torch.Tensor, floor: float) -> torch.Tensor:
     """Per channel the coarsest step its own `channel_rel_err` allows (`floor` x its spread),
     rounded down to a bf16 value (see the module doc); +inf where nothing limits it.

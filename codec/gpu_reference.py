@@ -8,13 +8,12 @@ other's messages. Pipeline (encode):
 2. transform (gpu_layout.forward): image tokens on their grid get an orthonormal 8x8
    DCT per channel, which gathers the spatial redundancy of DiT activations into few
    coefficients; text tokens are left as they are; loud tokens get rows of their own;
-3. quantise every coefficient with ONE step size (gpu_layout.quantise: to nearest, with
-   a small dead zone). For a target on the relative L2 error of the whole tensor this
-   is the rate-optimal choice (reverse water-filling): quiet channels and bands fall
-   to zero and cost almost nothing, loud ones get the levels; per-channel scaling would
-   spend bits on channels the error metric barely sees. A per-channel floor
-   (channel_rel_err) gives a finer step, its own, to channels one global step would
-   zero out;
+3. quantise every coefficient with ONE step size. For a target on the relative L2 error
+   of the whole tensor this is the rate-optimal choice (reverse water-filling): quiet
+   channels and bands fall to zero and cost almost nothing, loud ones get the levels;
+   per-channel scaling would spend bits on channels the error metric barely sees. A
+   per-channel floor (channel_rel_err) gives a finer step, its own, to channels one
+   global step would zero out;
 4. entropy-code the integers (codec/entropy.py): one rANS table per context, the
    context being the log-spread of the coefficient's (class, channel) cell, so each
    table fits the distribution it codes; values too large for the token set travel
@@ -38,7 +37,7 @@ from .entropy import ALPHABET, ESCAPE, Geometry, RansStreams, detokenize, normal
     rans_encode, tokenize
 from .gpu_layout import (N_BUCKETS, N_CLASSES, REF_DTYPE, Layout, channel_centre, channel_floors,
                          channel_spread, channel_steps, context_buckets, find_loud, forward, inverse,
-                         prediction_weight, quantise, round_step, row_classes, sample_rows, symbol_contexts)
+                         prediction_weight, round_step, row_classes, sample_rows, symbol_contexts)
 
 FIT_ITERATIONS = 5  # passes that fit the step size to the error target
 ESCAPE_LIMIT = 1 << 15  # |q| from here travels exactly (int16 range: see entropy.py)
@@ -69,9 +68,9 @@ def encode(x: torch.Tensor, layout: Layout, settings, reference: dict | None, ke
     spread = channel_spread(rows - center)
     floors = channel_floors(spread, settings.channel_rel_err * math.sqrt(12.0))
     coef2d = coef.view(-1, p.channels)
-    step = fit_step(coef2d, floors, settings.rel_err * norm, x.numel(), settings.dead_zone)
+    step = fit_step(coef2d, floors, settings.rel_err * norm, x.numel())
     steps_c = channel_steps(step, floors)
-    q = quantise(coef2d / steps_c, settings.dead_zone)
+    q = torch.round(coef2d / steps_c)
     escape = q.abs() >= ESCAPE_LIMIT
     q = torch.where(escape, torch.full_like(q, -ESCAPE_LIMIT), q).to(torch.int64).reshape(-1)
     token, n_raw, raw = tokenize(q)
@@ -132,11 +131,9 @@ def decode(pieces: dict, layout: Layout, geo: Geometry, center: torch.Tensor, re
     return x.to(out_dtype), (full.to(REF_DTYPE) if keep else None)
 
 
-def fit_step(coef2d: torch.Tensor, floors: torch.Tensor, target: float, numel: int,
-             dead_zone: float) -> torch.Tensor:
+def fit_step(coef2d: torch.Tensor, floors: torch.Tensor, target: float, numel: int) -> torch.Tensor:
     """The largest global step whose error stays within `target`, each channel's step
-    limited by its floor (gpu_layout.channel_steps), the coefficients rounded with
-    `dead_zone` (gpu_layout.quantise).
+    limited by its floor (gpu_layout.channel_steps).
 
     The transform is orthonormal, so the error is measured exactly on the coefficients.
     Start from the high-rate estimate (every coefficient off by a uniform error of
@@ -151,7 +148,7 @@ def fit_step(coef2d: torch.Tensor, floors: torch.Tensor, target: float, numel: i
     for _ in range(FIT_ITERATIONS):
         s = round_step(torch.tensor(step, dtype=torch.float32, device=coef2d.device))
         steps_c = channel_steps(s, floors)
-        q = quantise(coef2d / steps_c, dead_zone)
+        q = torch.round(coef2d / steps_c)
         err = float(torch.where(q.abs() >= ESCAPE_LIMIT, 0.0, coef2d - q * steps_c).norm())
         if err <= target and (best is None or float(s) > float(best)):
             best = s
@@ -161,7 +158,7 @@ def fit_step(coef2d: torch.Tensor, floors: torch.Tensor, target: float, numel: i
         # Over the target: shrink in proportion (the error scales about with the step), with
         # a margin so the next try lands under it. Under: grow, damped, to stay under.
         step = float(s) * (max(0.25, ratio * 0.995) if ratio < 1 else min(4.0, ratio ** 0.9))
-    return best if best is not None else fit_step(coef2d, floors, target * 0.5, numel, dead_zone)
+    return best if best is not None else fit_step(coef2d, floors, target * 0.5, numel)
 
 
 def _as_i32(x: torch.Tensor) -> torch.Tensor:

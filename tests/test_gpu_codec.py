@@ -189,10 +189,10 @@ def test_temporal_mode_codes_the_change():
 
 def test_a_delta_codes_the_change_from_the_weighted_reference(monkeypatch):
     """At rho 0.9 the least-squares weight on the reference is below 1 (a bf16 value, in
-    the header); it beats weight 1 on the same pair at the same error (by 2.3 % here; 5 %
-    without the dead zone, which leaves fewer levels to save); a header with an
-    impossible weight is refused. (The pair has no high-norm tokens: the same in both
-    steps at 20 times the norm, in so few channels they pull the weight towards 1, 0.98.)"""
+    the header); it beats weight 1 on the same pair at the same error (by 5 % here); a
+    header with an impossible weight is refused. (The pair has no high-norm tokens: the
+    same in both steps at 20 times the norm, in so few channels they pull the weight
+    towards 1, 0.98.)"""
     from comfy_mesh.codec.gpu_layout import PRED_MAX, prediction_weight
 
     # the weight: least squares, clamped, 1 with nothing to fit, a bf16 value
@@ -218,44 +218,11 @@ def test_a_delta_codes_the_change_from_the_weighted_reference(monkeypatch):
     enc1 = StreamState()
     codec.encode(a, state=enc1, layout=spec.layout)
     plain = codec.encode(b, state=enc1, layout=spec.layout)
-    assert plain.header["pred"] == 1.0 and delta.nbytes < 0.985 * plain.nbytes, (delta.nbytes, plain.nbytes)
+    assert plain.header["pred"] == 1.0 and delta.nbytes < 0.97 * plain.nbytes, (delta.nbytes, plain.nbytes)
     for bad in (PRED_MAX * 2, -0.5, float("nan"), "0.9", True, None):
         with pytest.raises(CodecError, match="delta weight"):
             decode(EncodedTensor(delta.header | {"pred": bad}, delta.buffers),
                    state=StreamState(seq=before.seq, reference=before.reference, signature=before.signature))
-
-
-def test_rounding_with_a_dead_zone():
-    """A value goes to the level nearer zero unless it is past the midpoint by the dead
-    zone; the same on both signs; no dead zone is rounding to nearest."""
-    from comfy_mesh.codec.gpu_layout import quantise
-
-    v = torch.tensor([0.55, 0.65, 1.55, 1.65, -0.55, -0.65, -1.65, 0.0, 3.0, -40000.3])
-    assert quantise(v, 0.1).tolist() == [0.0, 1.0, 1.0, 2.0, -0.0, -1.0, -2.0, 0.0, 3.0, -40000.0]
-    w = torch.randn(10_000, generator=torch.Generator().manual_seed(3)) * 5
-    assert torch.equal(quantise(w, 0.0), torch.round(w))
-    assert float((w - quantise(w, 0.1)).abs().max()) <= 0.6
-
-
-def test_a_dead_zone_saves_bits_at_the_same_error():
-    """Against plain rounding (dead_zone 0), the dead zone's messages are smaller at the
-    same error, a delta's most (its levels are sparse: 4.6 % here, 2.5 % for the key),
-    the error on the target and within the stated bound ((1/2 + dead zone) of a step a
-    coefficient). Without channel floors, which at this width would set the error
-    themselves."""
-    a, b = synthetic_steps(SPEC, rho=0.9, steps=2)
-    sizes = {}
-    for dead_zone in (0.0, 0.1):
-        codec = get("gpu", rel_err=0.05, channel_rel_err=0, dead_zone=dead_zone)
-        enc = StreamState()
-        key = codec.encode(a, state=enc, layout=SPEC.layout)
-        delta = codec.encode(b, state=enc, layout=SPEC.layout)
-        dec = StreamState()
-        for msg, x in ((key, a), (delta, b)):
-            err = _rel(decode(msg, state=dec), x)
-            assert 0.04 <= err <= 0.05 and err <= msg.rel_err_bound, (dead_zone, err)
-        sizes[dead_zone] = (key.nbytes, delta.nbytes)
-    assert sizes[0.1][0] < sizes[0.0][0] and sizes[0.1][1] <= 0.97 * sizes[0.0][1], sizes
 
 
 def test_lost_message_is_detected_and_a_key_message_recovers():
@@ -586,41 +553,6 @@ def test_fused_backend_and_torch_backend_read_each_other():
         "        except CodecError:\n"
         "            pass\n"
         "print('both ways')\n", "both ways")
-
-
-def test_both_backends_round_with_the_dead_zone():
-    """The fused quantiser rounds as gpu_layout.quantise does: a coefficient just past
-    half its step (0.51-0.59) is reconstructed as 0 with the dead zone of 0.1 and as one
-    step without; one past 0.61 as one step either way (the encoder's reference, which
-    both ends rebuild, against the float32 transform of the carry)."""
-    _run_with_triton(
-        "import sys, torch\n"
-        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-        "from gpu_messages import message_part\n"
-        "from comfy_mesh.codec import get\n"
-        "from comfy_mesh.codec.base import StreamState, TokenLayout\n"
-        "from comfy_mesh.codec.corpus import CorpusSpec, synthetic_carry\n"
-        "from comfy_mesh.codec.gpu_layout import Layout, forward\n"
-        "dev = 'cuda' if torch.cuda.is_available() else 'cpu'\n"
-        "spec = CorpusSpec(layout=TokenLayout(5, 9, 10), channels=40)\n"
-        "x = synthetic_carry(spec).to(dev)\n"
-        "for backend in ('triton', 'torch'):\n"
-        "    for dead_zone in (0.0, 0.1):\n"
-        "        enc = StreamState()\n"
-        "        m = get('gpu', rel_err=0.05, dead_zone=dead_zone, backend=backend, graphs=False,\n"
-        "                min_steps=16).encode(x, state=enc, layout=spec.layout)\n"
-        "        p = Layout(1, x.shape[1], 40, 5, 9, 10, tuple(m.header['loud']))\n"
-        "        coef = forward(x.cpu() - enc.reference['center'].cpu(), p).view(-1, 40)\n"
-        "        steps = message_part(m, 'steps', torch.bfloat16).float()\n"
-        "        recon = enc.reference['coef'].cpu().float().view(-1, 40)\n"
-        "        r = (coef / steps).abs()\n"
-        "        band, past = (r > 0.51) & (r < 0.59), (r > 0.61) & (r < 1.4)\n"
-        "        assert int(band.sum()) >= 20 and int(past.sum()) >= 20, (int(band.sum()), int(past.sum()))\n"
-        "        one = coef.sign() * steps\n"
-        "        assert torch.equal(recon[past], one.expand_as(coef)[past]), backend\n"
-        "        want = torch.zeros_like(coef) if dead_zone else one.expand_as(coef)\n"
-        "        assert torch.equal(recon[band], want[band]), (backend, dead_zone)\n"
-        "print('dead zone')\n", "dead zone")
 
 
 def test_bf16_products_give_the_float32_transform():
