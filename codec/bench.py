@@ -4,7 +4,8 @@ For every corpus entry, codec and quality: `ratio` (bf16 bytes over every wire b
 header included), `rel_l2`, `rel_l2_centred` (error over the norm with each channel's
 median removed, so massive-offset channels do not flatter the figure), the worst
 channel's cosine, and encode/decode throughput in GB/s of bf16 input. Step pairs also
-report the temporal (delta) message of their second step.
+report the temporal (delta) message of their second step. A codec this machine cannot
+run (nvenc without an encoder, x265 without PyAV) gets one row saying why.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 
 import torch
 
-from . import decode, get
+from . import capabilities, decode, get
 from .base import StreamState, TokenLayout
 from .corpus import CorpusSpec, captured, corpus
 
@@ -25,6 +27,8 @@ DEFAULT_GRID = {
     "raw": [{}],
     "cpu": [{"quality": 4}, {"quality": 7}, {"quality": 12}],
     "gpu": [{"rel_err": 0.02}, {"rel_err": 0.05}, {"rel_err": 0.10}],
+    "x265": [{"quality": 4}, {"quality": 7}, {"quality": 12}],
+    "nvenc": [{"quality": 4}, {"quality": 7}, {"quality": 12}],
 }
 
 
@@ -55,7 +59,19 @@ def best_time(fn, repeat: int, device: torch.device | str = "cpu") -> tuple[floa
     return best, out
 
 
+# On an H100 (gpu codec, 6144 channels) the first encode of a shape captured its graphs
+# (10-20 ms; a minute with compiles on a fresh machine) and the second took 5-10 ms
+# (probably a pinned host buffer allocated for its message while the first's was still
+# held); from the third on, about 1 ms. A median of 3 without these reported 6-10 GB/s.
+WARM_UP_CALLS = 2
+
+
 def _timed(fn, device, repeat: int):
+    """-> (the last result, median seconds of `repeat` calls) after WARM_UP_CALLS untimed
+    ones, so that the figures are a long generation's steady state (bench/NOTES.md)."""
+    for _ in range(WARM_UP_CALLS):
+        fn()
+    _sync(device)
     times, out = [], None
     for _ in range(repeat):
         _sync(device)
@@ -99,10 +115,21 @@ def measure(name: str, settings: dict, x: torch.Tensor, layout: TokenLayout | No
 def run(device: str = "cpu", channels: int = 768, repeat: int = 3, codecs: list[str] | None = None,
         with_captured: bool = True) -> dict:
     dev = torch.device(device)
+    unknown = sorted(set(codecs or ()) - set(DEFAULT_GRID))
+    if unknown:
+        raise ValueError(f"unknown codec {', '.join(unknown)}: the benchmark knows {', '.join(DEFAULT_GRID)}")
     entries = corpus(channels=channels)
     layout = CorpusSpec().layout
     results = []
-    grid = {k: v for k, v in DEFAULT_GRID.items() if codecs is None or k in codecs}
+    usable = capabilities()
+    grid = {}
+    for name, settings_list in DEFAULT_GRID.items():
+        if codecs is not None and name not in codecs:
+            continue
+        if usable[name][0]:
+            grid[name] = settings_list
+        else:  # (nvenc on a card without an encoder, x265 without PyAV): said, not left out silently
+            results.append({"entry": "all", "codec": name, "skipped": usable[name][1]})
     for entry, data in entries.items():
         for name, settings_list in grid.items():
             for settings in settings_list:
@@ -119,7 +146,7 @@ def run(device: str = "cpu", channels: int = 768, repeat: int = 3, codecs: list[
         try:
             steps = captured()
         except ImportError as exc:
-            results.append({"entry": "captured", "skipped": f"needs scikit-image: {exc}"})
+            results.append({"entry": "captured", "codec": "all", "skipped": f"needs scikit-image: {exc}"})
         else:
             cap_layout = TokenLayout(64, 32, 32)
             for name, settings_list in grid.items():
@@ -135,14 +162,14 @@ def run(device: str = "cpu", channels: int = 768, repeat: int = 3, codecs: list[
 def format_table(report: dict) -> str:
     lines = [f"device {report['device']} {report['gpu'] or ''}  corpus {report['tokens']} tokens x "
              f"{report['channels']} channels, bf16"]
-    lines.append(f"{'entry':34s} {'codec':14s} {'ratio':>7s} {'rel_l2':>7s} {'centred':>8s} {'worst cos':>9s} "
+    lines.append(f"{'entry':34s} {'codec':16s} {'ratio':>7s} {'rel_l2':>7s} {'centred':>8s} {'worst cos':>9s} "
                  f"{'enc GB/s':>8s} {'dec GB/s':>8s} {'delta x':>7s}")
     for r in report["results"]:
         if "skipped" in r:
-            lines.append(f"{r['entry']:34s} skipped: {r['skipped']}")
+            lines.append(f"{r['entry']:34s} {r['codec']:16s} skipped: {r['skipped']}")
             continue
         knob = ",".join(f"{k}={v}" for k, v in r.items() if k in ("quality", "rel_err"))
-        lines.append(f"{r['entry'][:34]:34s} {(r['codec'] + ' ' + knob)[:14]:14s} {r['ratio']:7.2f} "
+        lines.append(f"{r['entry'][:34]:34s} {r['codec'] + ' ' + knob:16s} {r['ratio']:7.2f} "
                      f"{r['rel_l2']:7.4f} {r['rel_l2_centred']:8.4f} {r['worst_channel_cos']:9.4f} "
                      f"{r.get('encode_gbps', 0):8.3f} {r.get('decode_gbps', 0):8.3f} "
                      f"{r.get('temporal_gain', float('nan')):7.2f}")
@@ -152,14 +179,21 @@ def format_table(report: dict) -> str:
 def add_arguments(p) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--channels", type=int, default=768, help="hidden size of the corpus (default 768)")
-    p.add_argument("--repeat", type=int, default=3, help="timed repetitions, median reported (default 3)")
-    p.add_argument("--codecs", default=None, help="comma-separated subset (default: all)")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="timed repetitions after two warm-up calls, median reported (default 3)")
+    p.add_argument("--codecs", default=None,
+                   help=f"comma-separated subset of {','.join(DEFAULT_GRID)} (default: all; those this machine "
+                        "cannot run are listed as skipped, with the reason)")
     p.add_argument("--no-captured", action="store_true", help="skip the activations captured from the model")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def main(args) -> int:
-    report = run(args.device, args.channels, args.repeat, args.codecs.split(",") if args.codecs else None,
-                 with_captured=not args.no_captured)
+    try:
+        report = run(args.device, args.channels, args.repeat, args.codecs.split(",") if args.codecs else None,
+                     with_captured=not args.no_captured)
+    except ValueError as exc:
+        print(f"comfy-mesh bench codec: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(report) if args.json else format_table(report))
     return 0
