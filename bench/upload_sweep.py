@@ -10,7 +10,9 @@ at 6.9x) and a delta-sized one:
 - pinned: the codec's way (gpu._upload): one host copy into pinned memory, one upload;
 - pageable: each part uploaded from where it is (the driver stages it itself);
 - staged N: the parts cut into N pieces through two reused pinned buffers, the host copy
-  of a piece overlapping the upload of the one before.
+  of a piece overlapping the upload of the one before;
+- and apart, for scale: the pinned allocation, the pinned way into a buffer allocated
+  once, the host copy of the words alone, the upload alone.
 Prints one JSON object.
 """
 
