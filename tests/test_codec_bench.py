@@ -2,20 +2,19 @@
 activation corpus, at a small width so it takes seconds."""
 
 import json
-import shutil
 import subprocess
-import sys
 
 import pytest
 
 from comfy_mesh.codec import capabilities
 from comfy_mesh.codec.bench import DEFAULT_GRID
 
+from cli_command import comfy_mesh_command
+
 
 def _bench(*args: str) -> subprocess.CompletedProcess:
-    exe = shutil.which("comfy-mesh")
-    cmd = ([exe] if exe else [sys.executable, "-m", "comfy_mesh.cli"]) + ["bench", "codec", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    return subprocess.run(comfy_mesh_command() + ["bench", "codec", *args], capture_output=True, text=True,
+                          timeout=600)
 
 
 def test_every_codec_and_quality_is_measured_or_skipped_with_its_reason():

@@ -1,11 +1,11 @@
 """`comfy-mesh demo`, run as a user runs it: the console script, a daemon subprocess, JSON out."""
 
 import json
-import shutil
 import subprocess
-import sys
 
 import pytest
+
+from cli_command import comfy_mesh_command
 
 FIELDS = {"model", "steps", "n_blocks_remote", "codec", "bytes_per_step", "raw_bytes_per_step", "ratio",
           "hop_rel_err", "final_rel_err", "local_step_s", "split_step_s", "split_first_step_s", "daemon_ready_s",
@@ -18,13 +18,8 @@ def _private_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
-def _cmd():
-    exe = shutil.which("comfy-mesh")
-    return [exe] if exe else [sys.executable, "-m", "comfy_mesh.cli"]
-
-
 def _demo(*args):
-    done = subprocess.run(_cmd() + ["demo", *args], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(comfy_mesh_command() + ["demo", *args], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
@@ -63,8 +58,7 @@ def test_demo_gpu_codec_error_does_not_build_up_through_the_sampler():
 def test_demo_table_and_bad_arguments():
     table = _demo("--steps", "2", "--size", "8")
     assert "final latent vs all-local" in table and "ratio" in table
-    exe = shutil.which("comfy-mesh")
-    cmd = [exe] if exe else [sys.executable, "-m", "comfy_mesh.cli"]
+    cmd = comfy_mesh_command()
     bad = subprocess.run(cmd + ["demo", "--codec", "nope"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown codec 'nope'" in bad.stderr and "Traceback" not in bad.stderr
     bad = subprocess.run(cmd + ["demo", "--n-blocks-remote", "9"], capture_output=True, text=True, timeout=120)
@@ -72,8 +66,7 @@ def test_demo_table_and_bad_arguments():
 
 
 def test_daemon_with_a_missing_model_says_so():
-    exe = shutil.which("comfy-mesh")
-    cmd = [exe] if exe else [sys.executable, "-m", "comfy_mesh.cli"]
+    cmd = comfy_mesh_command()
     bad = subprocess.run(cmd + ["daemon", "--model", "/nonexistent/flux2.safetensors", "--port", "0"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
@@ -81,7 +74,7 @@ def test_daemon_with_a_missing_model_says_so():
 
 def test_demo_against_a_running_daemon_with_the_tiny_model():
     """What a user does across two PCs: `daemon --model tiny` there, `demo --peer` here."""
-    daemon = subprocess.Popen(_cmd() + ["daemon", "--model", "tiny", "--port", "0", "--no-announce"],
+    daemon = subprocess.Popen(comfy_mesh_command() + ["daemon", "--model", "tiny", "--port", "0", "--no-announce"],
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         endpoint = json.loads(daemon.stdout.readline())["endpoint"]
