@@ -112,17 +112,16 @@ def measure(name: str, settings: dict, x: torch.Tensor, layout: TokenLayout | No
     return row
 
 
-def _unknown_codecs(codecs: list[str] | None) -> str | None:
-    unknown = sorted(set(codecs or ()) - set(DEFAULT_GRID))
-    return f"unknown codec {', '.join(unknown)}: the benchmark knows {', '.join(DEFAULT_GRID)}" if unknown else None
+class UnknownCodec(ValueError):
+    """A codec name the benchmark has no settings for (the command's usage error)."""
 
 
 def run(device: str = "cpu", channels: int = 768, repeat: int = 3, codecs: list[str] | None = None,
         with_captured: bool = True) -> dict:
     dev = torch.device(device)
-    problem = _unknown_codecs(codecs)
-    if problem:
-        raise ValueError(problem)
+    unknown = sorted(set(codecs or ()) - set(DEFAULT_GRID))
+    if unknown:
+        raise UnknownCodec(f"unknown codec {', '.join(unknown)}: the benchmark knows {', '.join(DEFAULT_GRID)}")
     entries = corpus(channels=channels)
     layout = CorpusSpec().layout
     results = []
@@ -194,11 +193,11 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    codecs = args.codecs.split(",") if args.codecs else None
-    problem = _unknown_codecs(codecs)
-    if problem:
-        print(f"comfy-mesh bench codec: {problem}", file=sys.stderr)
+    try:
+        report = run(args.device, args.channels, args.repeat, args.codecs.split(",") if args.codecs else None,
+                     with_captured=not args.no_captured)
+    except UnknownCodec as exc:
+        print(f"comfy-mesh bench codec: {exc}", file=sys.stderr)
         return 2
-    report = run(args.device, args.channels, args.repeat, codecs, with_captured=not args.no_captured)
     print(json.dumps(report) if args.json else format_table(report))
     return 0
