@@ -38,13 +38,21 @@ def message(total: int) -> list[bytes]:
     return small + [words.numpy().tobytes()]
 
 
+def placed(chunks) -> tuple[list[tuple[torch.Tensor, int]], int]:
+    """Each part as a uint8 tensor with its offset in the upload (ALIGN-ed, as gpu._upload
+    puts them), and the upload's size."""
+    out, at = [], 0
+    for c in chunks:
+        out.append((torch.frombuffer(c, dtype=torch.uint8), at))
+        at += aligned(len(c))
+    return out, at
+
+
 def pageable(chunks, device):
-    sizes = [len(c) for c in chunks]
-    blob = torch.empty(sum(aligned(n) for n in sizes), dtype=torch.uint8, device=device)
-    at = 0
-    for c, n in zip(chunks, sizes):
-        blob[at:at + n].copy_(torch.frombuffer(c, dtype=torch.uint8))
-        at += aligned(n)
+    parts, total = placed(chunks)
+    blob = torch.empty(total, dtype=torch.uint8, device=device)
+    for src, at in parts:
+        blob[at:at + src.numel()].copy_(src)
     return blob
 
 
@@ -56,17 +64,13 @@ class Staged:
         self.used = [False, False]
 
     def __call__(self, chunks, device):
-        sizes = [len(c) for c in chunks]
-        total = sum(aligned(n) for n in sizes)
+        parts, total = placed(chunks)
         blob = torch.empty(total, dtype=torch.uint8, device=device)
         piece = -(-total // self.pieces)
         k = 0
-        at = 0
-        for c, n in zip(chunks, sizes):
-            src = torch.frombuffer(c, dtype=torch.uint8)
-            off = 0
-            while off < n:
-                m = min(piece, n - off)
+        for src, at in parts:
+            for off in range(0, src.numel(), piece):
+                m = min(piece, src.numel() - off)
                 buf = self.stage[k % 2]
                 if self.used[k % 2]:
                     self.done[k % 2].synchronize()
@@ -74,20 +78,17 @@ class Staged:
                 blob[at + off:at + off + m].copy_(buf[:m], non_blocking=True)
                 self.done[k % 2].record()
                 self.used[k % 2] = True
-                off += m
                 k += 1
-            at += aligned(n)
         return blob
 
 
 def kept_upload(chunks, host, device):
     """gpu._upload's copies into a pinned buffer allocated once."""
-    at = 0
-    for c in chunks:
-        n = len(c)
-        host[at:at + n].copy_(torch.frombuffer(c, dtype=torch.uint8))
-        host[at + n:at + aligned(n)] = 0
-        at += aligned(n)
+    parts, total = placed(chunks)
+    ends = [at for _, at in parts[1:]] + [total]
+    for (src, at), end in zip(parts, ends):
+        host[at:at + src.numel()].copy_(src)
+        host[at + src.numel():end] = 0  # only the padding, as gpu._upload
     return host.to(device, non_blocking=True)
 
 
