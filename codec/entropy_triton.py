@@ -74,7 +74,8 @@ def available(device: torch.device) -> bool:
 # pattern of them (== 1, divisible by 16): a carry of a new size would then compile again,
 # inside a sampler step, what GpuCodec.warm_up compiled before. One variant serves every size.
 SIZE_ARGS = ("STRIDE", "N_PROGRAMS", "ESC_CAP", "SAMPLE_SHIFT", "share", "GROUPS", "T", "N_TXT", "H", "W", "HB",
-             "WB", "TEXT_TILES", "BLOCK_TILES", "TEXT_ROWS", "FIXED_ROWS", "n_loud", "C", "n", "CAP", "HW")
+             "WB", "TEXT_TILES", "BLOCK_TILES", "TEXT_ROWS", "FIXED_ROWS", "n_loud", "C", "n", "CAP", "HW",
+             "G", "n_err", "n_rows", "n_idx")
 
 
 def any_size(fn):
@@ -349,10 +350,16 @@ if triton is not None:
         tl.store(slot_ptr + t * (1 << PB) + slot, tl.where(sym < ALPHA, sym, 0).to(tl.uint8))
 
     @any_size
-    def _gather_words_kernel(buf_ptr, count_ptr, start_ptr, out_ptr, CAP, BLOCK: tl.constexpr):
+    def _gather_words_kernel(buf_ptr, count_ptr, out_ptr, CAP, BLOCK: tl.constexpr):
+        """Group g's words to where the groups before it end: each program sums their
+        counts itself (a few loads, in place of a cumulative sum's two kernels)."""
         g = tl.program_id(0)
         cnt = tl.load(count_ptr + g)
-        start = tl.load(start_ptr + g)
+        before = tl.zeros((BLOCK,), tl.int64)
+        for i in range(0, g, BLOCK):
+            o = i + tl.arange(0, BLOCK)
+            before += tl.load(count_ptr + o, mask=o < g, other=0).to(tl.int64)
+        start = tl.sum(before, 0)
         for i in range(0, cnt, BLOCK):
             o = i + tl.arange(0, BLOCK)
             m = o < cnt
@@ -424,8 +431,7 @@ def encode(symbols: torch.Tensor, n: torch.Tensor, tables: tuple[torch.Tensor, t
 def gather_words(buf: torch.Tensor, counts: torch.Tensor, out: torch.Tensor) -> None:
     """The groups' word buffers back to back into `out` (int16, room for all of them):
     no host round trip, the caller reads the total later."""
-    starts = (torch.cumsum(counts, 0, dtype=torch.int64) - counts).contiguous()
-    _gather_words_kernel[(counts.numel(),)](buf, counts, starts, out, buf.shape[1], BLOCK=1024)
+    _gather_words_kernel[(counts.numel(),)](buf, counts, out, buf.shape[1], BLOCK=1024)
 
 
 def group_starts(group_words: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -43,10 +44,10 @@ import torch
 from . import entropy_triton
 from .entropy_triton import any_size, device_constant
 from .entropy import ALPHABET, ESCAPE, EXACT_TOKENS, MAX_EXP, PROB_SCALE, Geometry
-from .gpu_layout import (BUCKET_OFFSET, FINEST_STEP, LOUD_CLASS, LOUD_FACTOR, N_BUCKETS, N_CLASSES, REF_DTYPE,
-                         ROWS_PER_BLOCK, STATS_ROWS, TEXT_CLASS, Layout, aligned, bf16_as_float32, channel_centre,
-                         channel_spread, dct2_bf16_pieces, dct2_matrix, dct2_piece_sums, prediction_weight,
-                         row_classes, sample_rows)
+from .gpu_layout import (BUCKET_OFFSET, FINEST_STEP, LOUD_CLASS, LOUD_FACTOR, N_BUCKETS, N_CLASSES, PRED_MAX,
+                         REF_DTYPE, ROWS_PER_BLOCK, STATS_ROWS, TEXT_CLASS, Layout, aligned, bf16_as_float32,
+                         channel_centre, channel_spread, dct2_bf16_pieces, dct2_matrix, dct2_piece_sums, row_classes,
+                         sample_rows)
 
 try:
     import triton
@@ -310,9 +311,35 @@ if triton is not None:
                 acc += tl.where((kk == k)[:, None], tl.sum(e * e, 1)[None, :], 0.0)
         tl.store(err_ptr + pid.to(tl.int64) * K + kk, tl.sum(acc, 1))
 
+    @triton.jit
+    def _column_sums(part_ptr, n_rows, K: tl.constexpr):
+        """The K column sums of a (n_rows, K) float32 array of per-program partial sums, in
+        float64 (as torch's sum(0, dtype=float64) of it, to rounding)."""
+        kk = tl.arange(0, K)
+        acc = tl.zeros((64, K), tl.float64)
+        for start in range(0, n_rows, 64):
+            r = start + tl.arange(0, 64)
+            acc += tl.load(part_ptr + r.to(tl.int64)[:, None] * K + kk[None, :], mask=(r < n_rows)[:, None],
+                           other=0.0).to(tl.float64)
+        return tl.sum(acc, 0)
+
     @any_size
-    def _candidates_kernel(err_ptr, scale, rel_err, tot_sq_ptr, twelve_over_n, prev_ptr, ratios_ptr, spread_ptr, floor,
-                           cand_ptr, steps_ptr, inv_ptr, out_ptr, C, K: tl.constexpr, CB: tl.constexpr,
+    def _weight_kernel(part_ptr, n_rows, out_ptr, PRED_MAX: tl.constexpr, K: tl.constexpr):
+        """gpu_layout.prediction_weight from the weight pass's partial sums (its first two
+        columns: the coefficients' dot product with the reference's, the reference's sum
+        of squares): about ten small torch ops in one kernel."""
+        kk = tl.arange(0, K)
+        sums = _column_sums(part_ptr, n_rows, K)
+        cross = tl.sum(tl.where(kk == 0, sums, 0.0), 0)
+        ref_sq = tl.sum(tl.where(kk == 1, sums, 0.0), 0)
+        fitted = tl.where(ref_sq > 0, cross / tl.where(ref_sq > 0, ref_sq, 1.0), 1.0)
+        fitted = tl.where(tl.abs(fitted) < float("inf"), fitted, 1.0)  # (a NaN compares false too)
+        fitted = tl.minimum(tl.maximum(fitted, 0.0), PRED_MAX)
+        tl.store(out_ptr, _to_ref(fitted.to(tl.float32)).to(tl.float32))
+
+    @any_size
+    def _candidates_kernel(err_ptr, n_err, scale, rel_err, tot_sq_ptr, twelve_over_n, prev_ptr, ratios_ptr, spread_ptr,
+                           floor, cand_ptr, steps_ptr, inv_ptr, out_ptr, C, K: tl.constexpr, CB: tl.constexpr,
                            MODE: tl.constexpr, FINEST: tl.constexpr):
         """The step fit's glue for CB channels, on the device. MODE 0: the first pass's K
         candidate steps (ratios around the step that gives `rel_err` on white data; the
@@ -320,7 +347,7 @@ if triton is not None:
         second pass's (ratios around the first pass's best); 2: the chosen step (the second
         pass's best; row 0 only, its channel steps also to `out` in bf16). Each with its
         per-channel steps (K, C) and their reciprocals. `err`: the previous pass's squared error per candidate over
-        its sample, `scale` times that over the whole carry; `prev`: its candidates."""
+        its sample as (n_err, K) partial sums, `scale` times that over the whole carry; `prev`: its candidates."""
         ch = tl.program_id(0) * CB + tl.arange(0, CB)
         cm = ch < C
         kk = tl.arange(0, K)
@@ -329,7 +356,7 @@ if triton is not None:
             base = tl.sqrt(tot_sq * twelve_over_n).to(tl.float32) * rel_err
         else:
             # the largest candidate within the target (they ascend), else the smallest
-            ok = tl.load(err_ptr + kk) * scale <= (rel_err * rel_err) * tot_sq
+            ok = _column_sums(err_ptr, n_err, K) * scale <= (rel_err * rel_err) * tot_sq
             best = tl.maximum(tl.max(tl.where(ok, kk + 1, 0), 0) - 1, 0)
             base = tl.sum(tl.where(kk == best, tl.load(prev_ptr + kk), 0.0), 0)
         if MODE == 2:
@@ -465,6 +492,28 @@ if triton is not None:
                 tl.arange(0, CB)[None, :]
             tl.store(key_ptr + at_key, tl.where(m, b * 64 + tok, -1), mask=((r & (period - 1)) == v)[:, None])
 
+    @any_size
+    def _meta_kernel(count_ptr, G, esc_count_ptr, n_loud_ptr, step_ptr, tot_sq_ptr, pred_ptr, loud_idx_ptr, n_idx,
+                     meta_ptr, BLOCK: tl.constexpr):
+        """The sizes and flags an encode sends back, as int64 (finish_encode reads them):
+        the rANS words of all G groups, the escapes, the loud tokens' count, the step's,
+        the carry's sum of squares' and the weight's bits, then the n_idx loud indices.
+        One program: these were eight small kernels."""
+        total = tl.zeros((BLOCK,), tl.int64)
+        for start in range(0, G, BLOCK):
+            g = start + tl.arange(0, BLOCK)
+            total += tl.load(count_ptr + g, mask=g < G, other=0).to(tl.int64)
+        j = tl.arange(0, 8)
+        head = tl.where(j == 0, tl.sum(total, 0), tl.load(esc_count_ptr).to(tl.int64))
+        head = tl.where(j == 2, tl.load(n_loud_ptr).to(tl.int64), head)
+        head = tl.where(j == 3, tl.load(step_ptr).to(tl.int32, bitcast=True).to(tl.int64), head)
+        head = tl.where(j == 4, tl.load(tot_sq_ptr).to(tl.int64, bitcast=True), head)
+        head = tl.where(j == 5, tl.load(pred_ptr).to(tl.int32, bitcast=True).to(tl.int64), head)
+        tl.store(meta_ptr + j, head, mask=j < 6)
+        for start in range(0, n_idx, BLOCK):
+            k = start + tl.arange(0, BLOCK)
+            tl.store(meta_ptr + 6 + k, tl.load(loud_idx_ptr + k, mask=k < n_idx), mask=k < n_idx)
+
     @triton.jit
     def _sort_escapes_kernel(count_ptr, pos_ptr, val_ptr, pos_out_ptr, val_out_ptr, CAP: tl.constexpr):
         """The escapes the quantiser collected (its atomics fill the first `count` slots in
@@ -576,12 +625,15 @@ if triton is not None:
         return v, tl.where(bits < 0, 0x7FFFFFFF, bits)
 
     @any_size
-    def _loud_kernel(sq_ptr, n, CAP, HW, T, N_TXT, factor_sq, idx_ptr, count_ptr, BLOCK: tl.constexpr):
+    def _loud_kernel(sq_ptr, n, CAP, HW, T, N_TXT, factor_sq, idx_ptr, count_ptr, mask_ptr, n_sym_ptr, FIXED_ROWS, C,
+                     BLOCK: tl.constexpr):
         """gpu_layout.find_loud in one program: the image tokens' (n of them, HW a batch
         item, after N_TXT text tokens of T) centred squared norms; -> the loud ones'
-        indices, ascending, then -1 up to CAP, and their count. The lower median and
-        the CAP-th largest norm by radix select on the float bits (non-negative floats
-        order like their bits), 4 bits a pass; of equal norms at the cut, the first."""
+        indices, ascending, then -1 up to CAP, and their count; each image token's mask
+        byte (1: loud) and the count of symbols to code, (FIXED_ROWS + count) * C (int32),
+        which were five small kernels more. The lower median and the CAP-th largest norm
+        by radix select on the float bits (non-negative floats order like their bits), 4
+        bits a pass; of equal norms at the cut, the first."""
         r_med = (n - 1) // 2
         r_cut = n - tl.minimum(CAP, n)  # ascending rank of the smallest of the CAP largest
         pre_med = r_med * 0
@@ -621,18 +673,39 @@ if triton is not None:
             chosen = ok & (v > limit) & ((bits > pre_cut) | (tie & (tie_rank < take_ties)))
             at = found + tl.cumsum(chosen.to(tl.int32), 0) - 1
             tl.store(idx_ptr + at, i.to(tl.int64), mask=chosen)
+            tl.store(mask_ptr + i, chosen.to(tl.uint8), mask=ok)
             found += tl.sum(chosen.to(tl.int32), 0)
         for start in range(0, CAP, BLOCK):
             j = start + tl.arange(0, BLOCK)
             tl.store(idx_ptr + j, tl.full((BLOCK,), -1, tl.int64), mask=(j >= found) & (j < CAP))
         tl.store(count_ptr, found.to(tl.int64))
+        tl.store(n_sym_ptr, (FIXED_ROWS + found) * C)
 
     @any_size
-    def _centre_spread_kernel(x_ptr, centre_ptr, spread_ptr, n, C, table_ptr, R: tl.constexpr, CB: tl.constexpr,
-                              HAS_CENTRE: tl.constexpr, THROUGH: tl.constexpr, X_DT: tl.constexpr):
-        """gpu_layout's sample_rows, channel_centre (unless HAS_CENTRE: given) and
-        channel_spread for CB channels: R evenly spaced rows of the (n, C) carry, a
-        bitonic sort for each median. THROUGH: the carry comes from the address table."""
+    def _loud_mask_kernel(idx_ptr, n_loud_ptr, n, mask_ptr, n_sym_ptr, FIXED_ROWS, C, BLOCK: tl.constexpr,
+                          LOUD_BLOCK: tl.constexpr):
+        """A delta message's loud-token mask over the n image tokens (BLOCK of them a
+        program), from the stream's loud tokens (the first n_loud indices), and the
+        count of symbols to code, as _loud_kernel gives them for a key."""
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        n_loud = tl.load(n_loud_ptr).to(tl.int32)
+        hit = tl.zeros((BLOCK,), tl.int32)
+        for start in range(0, n_loud, LOUD_BLOCK):
+            k = start + tl.arange(0, LOUD_BLOCK)
+            idx = tl.load(idx_ptr + k, mask=k < n_loud, other=-1)
+            hit += tl.sum((idx[None, :] == i[:, None]).to(tl.int32), 1)
+        tl.store(mask_ptr + i, (hit > 0).to(tl.uint8), mask=i < n)
+        if tl.program_id(0) == 0:
+            tl.store(n_sym_ptr, (FIXED_ROWS + n_loud) * C)
+
+    @any_size
+    def _centre_spread_kernel(x_ptr, centre_ptr, spread_ptr, message_centre_ptr, n, C, table_ptr, R: tl.constexpr,
+                              CB: tl.constexpr, HAS_CENTRE: tl.constexpr, TO_MESSAGE: tl.constexpr,
+                              THROUGH: tl.constexpr, X_DT: tl.constexpr):
+        """gpu_layout's sample_rows, channel_centre (unless HAS_CENTRE: given; with
+        TO_MESSAGE also as bf16 at message_centre_ptr, the message's part) and channel_spread for CB
+        channels: R evenly spaced rows of the (n, C) carry, a bitonic sort for each
+        median. THROUGH: the carry comes from the address table."""
         if THROUGH:
             x_ptr = _through(table_ptr, SLOT_X, X_DT)
         ch = tl.program_id(0) * CB + tl.arange(0, CB)
@@ -646,6 +719,8 @@ if triton is not None:
         else:
             centre = tl.sum(tl.where(mid, tl.sort(v, dim=1), 0.0), 1).to(tl.bfloat16).to(tl.float32)
             tl.store(centre_ptr + ch, centre, mask=cm)
+            if TO_MESSAGE:
+                tl.store(message_centre_ptr + ch, centre.to(tl.bfloat16), mask=cm)  # (exact: a bf16 value)
         d = v - centre[:, None]
         mad = 1.4826 * tl.sum(tl.where(mid, tl.sort(tl.abs(d), dim=1), 0.0), 1)
         rms = tl.sqrt(tl.sum(d * d, 1) / R)
@@ -704,22 +779,28 @@ class _Grid:
                     TEXT=TEXT_CLASS, LOUD=LOUD_CLASS, PREC=PRECISION, num_warps=NUM_WARPS)
 
 
-def _centre_and_spread(x: torch.Tensor, centre: torch.Tensor | None, through: dict | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def _centre_and_spread(x: torch.Tensor, centre: torch.Tensor | None, through: dict | None = None,
+                       message_centre: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """gpu_layout.channel_centre (unless given) and channel_spread over sample_rows(x),
     in one kernel: on an H100 the two median kernels and the torch ops between them
     (sampling, centring, |.|, the RMS fallback) took 0.2 ms of a 1.3 ms encode.
-    `through`: the address table's kernel arguments (_through_args; None: x's own)."""
+    `through`: the address table's kernel arguments (_through_args; None: x's own).
+    `message_centre`: where a centre found here also goes, as bf16 (the message's part)."""
     n, c = x.numel() // x.shape[-1], x.shape[-1]
     if n < STATS_ROWS:  # few tokens: no power-of-two row count (never through a table: reads x here)
         rows = sample_rows(x)
-        centre = channel_centre(rows) if centre is None else centre
+        if centre is None:
+            centre = channel_centre(rows)
+            if message_centre is not None:
+                message_centre.copy_(centre)
         return centre, channel_spread(rows - centre)
     through = through or _through_args(x, None)
     spread = torch.empty(c, dtype=torch.float32, device=x.device)
     out = torch.empty_like(spread) if centre is None else centre
-    _centre_spread_kernel[(-(-c // MEDIAN_CHANNELS),)](x, out, spread, n, c, R=STATS_ROWS, CB=MEDIAN_CHANNELS,
-                                                       HAS_CENTRE=centre is not None, num_warps=MEDIAN_WARPS,
+    _centre_spread_kernel[(-(-c // MEDIAN_CHANNELS),)](x, out, spread, message_centre if message_centre is not None
+                                                       else spread, n, c, R=STATS_ROWS, CB=MEDIAN_CHANNELS,
+                                                       HAS_CENTRE=centre is not None,
+                                                       TO_MESSAGE=message_centre is not None, num_warps=MEDIAN_WARPS,
                                                        **through)
     return out, spread
 
@@ -746,21 +827,48 @@ def mark(name: str) -> None:
         PHASES[name] = time.perf_counter()
 
 
-def find_loud_fused(token_sq: torch.Tensor, p: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+class Loud(NamedTuple):
+    """The loud tokens as the encoder's kernels take them: `loud_capacity` flat
+    image-token indices (int64, -1 after the last), their count (int64, 0-d), each image
+    token's mask byte (1: loud) and the count of symbols to code, (fixed rows + count)
+    times the channels (int32, (1,))."""
+
+    idx: torch.Tensor
+    count: torch.Tensor
+    mask: torch.Tensor
+    n_sym: torch.Tensor
+
+
+def find_loud_fused(token_sq: torch.Tensor, p: Layout) -> Loud:
     """gpu_layout.find_loud in one kernel, from every token's centred squared norm (B * T
     of them: the kernel skips the text tokens). torch's median, topk and sort took 0.062
     ms on an H100 for a 64 x 64 grid, most of it in one-block sorts; this, 0.035 ms."""
-    idx = torch.empty(p.loud_capacity, dtype=torch.int64, device=token_sq.device)
-    count = torch.empty((), dtype=torch.int64, device=token_sq.device)
+    device = token_sq.device
+    idx = torch.empty(p.loud_capacity, dtype=torch.int64, device=device)
+    count = torch.empty((), dtype=torch.int64, device=device)
+    mask = torch.empty(p.image_tokens, dtype=torch.uint8, device=device)
+    n_sym = torch.empty(1, dtype=torch.int32, device=device)
     _loud_kernel[(1,)](token_sq, p.image_tokens, p.loud_capacity, p.h * p.w, p.tokens, p.n_txt, LOUD_FACTOR ** 2,
-                       idx, count, BLOCK=LOUD_BLOCK, num_warps=LOUD_WARPS)
-    return idx, count
+                       idx, count, mask, n_sym, p.fixed_rows, p.channels, BLOCK=LOUD_BLOCK, num_warps=LOUD_WARPS)
+    return Loud(idx, count, mask, n_sym)
 
 
-def _loud_mask(loud_idx: torch.Tensor, image_tokens: int) -> torch.Tensor:
-    mask = torch.zeros(image_tokens + 1, dtype=torch.uint8, device=loud_idx.device)
-    mask.scatter_(0, torch.where(loud_idx >= 0, loud_idx, image_tokens), 1)  # index_put_ would sync
-    return mask[:image_tokens] if image_tokens else torch.zeros(1, dtype=torch.uint8, device=loud_idx.device)
+def given_loud(idx: torch.Tensor, count: torch.Tensor, p: Layout) -> Loud:
+    """A delta message's Loud from its stream's loud tokens (`idx`: at least `count` of
+    them, -1 after), in one kernel."""
+    mask = torch.empty(max(p.image_tokens, 1), dtype=torch.uint8, device=idx.device)
+    n_sym = torch.empty(1, dtype=torch.int32, device=idx.device)
+    block = 1024
+    _loud_mask_kernel[(max(1, -(-p.image_tokens // block)),)](idx, count, p.image_tokens, mask, n_sym,
+                                                              p.fixed_rows, p.channels, BLOCK=block, LOUD_BLOCK=16)
+    return Loud(idx, count, mask, n_sym)
+
+
+def no_loud(p: Layout, device) -> Loud:
+    """Loud for a carry without an image grid: none."""
+    return Loud(torch.full((1,), -1, dtype=torch.int64, device=device), torch.zeros((), dtype=torch.int64, device=device),
+                torch.zeros(1, dtype=torch.uint8, device=device),
+                torch.full((1,), p.fixed_rows * p.channels, dtype=torch.int32, device=device))
 
 
 def _sample_stride(programs: int, share: int) -> int:
@@ -792,26 +900,28 @@ class _StepFit:
         cand = torch.empty(rows, dtype=torch.float32, device=device)
         steps = torch.empty(rows, c, dtype=torch.float32, device=device)
         inv = torch.empty_like(steps)
-        err, scale, prev = previous if previous is not None else (self.tot_sq, 1.0, cand)
+        (err, n_err), scale, prev = previous if previous is not None else ((self.tot_sq, 0), 1.0, cand)
         _candidates_kernel[(-(-c // GLUE_CHANNELS),)](
-            err, scale, self.rel_err, self.tot_sq, self.twelve_over_n, prev, self.ratios[min(mode, 1)], self.spread,
+            err, n_err, scale, self.rel_err, self.tot_sq, self.twelve_over_n, prev, self.ratios[min(mode, 1)], self.spread,
             self.floor, cand, steps, inv, steps_out if steps_out is not None else cand, c, K=CANDIDATES,
             CB=GLUE_CHANNELS, MODE=mode, FINEST=FINEST_STEP)
         return cand, steps, inv
 
     def errors(self, common: dict, x, ref, candidates: tuple, share: int, cells: tuple | None, through: dict) -> tuple:
-        """Each candidate's squared error over the sampled programs -> (sums (K,) float64,
-        the factor to the whole carry, the candidates); with `cells`, each (class,
-        channel)'s sum of squares and row count over the sample are added to them."""
+        """Each candidate's squared error over the sampled programs -> ((their (programs, K)
+        partial sums, how many programs), the factor to the whole carry, the candidates):
+        the next candidates kernel sums them. With `cells`, each (class, channel)'s sum of
+        squares and row count over the sample are added to them."""
         part, n_prog = self._sampled(common, x, ref, share, through, candidates[1:], cells, weight=False)
-        return part.sum(0, dtype=torch.float64), self.grid.programs / n_prog, candidates[0]
+        return (part, n_prog), self.grid.programs / n_prog, candidates[0]
 
     def weight(self, common: dict, x, ref, through: dict) -> torch.Tensor:
         """A delta's weight on the reference (gpu_layout.prediction_weight), fitted on the
         coarse pass's sample -> (1,) float32 on the device."""
-        part, _ = self._sampled(common, x, ref, COARSE_SHARE, through, None, None, weight=True)
-        sums = part[:, :2].sum(0, dtype=torch.float64)
-        return prediction_weight(sums[0], sums[1]).reshape(1)
+        part, n_prog = self._sampled(common, x, ref, COARSE_SHARE, through, None, None, weight=True)
+        weight = torch.empty(1, dtype=torch.float32, device=x.device)
+        _weight_kernel[(1,)](part, n_prog, weight, PRED_MAX=PRED_MAX, K=CANDIDATES)
+        return weight
 
     def _sampled(self, common: dict, x, ref, share: int, through: dict, steps: tuple | None, cells: tuple | None,
                  weight: bool) -> tuple[torch.Tensor, int]:
@@ -857,33 +967,42 @@ class Inputs:
 def launch_encode(x: torch.Tensor, p: Layout, settings, inputs: Inputs, keep: bool,
                   table: torch.Tensor | None = None) -> dict:
     """Every kernel of one encode, no host round trip: -> the device tensors a message
-    is made of, and `meta` (sizes and flags, int64) for the one small copy back.
-    With `table` (a captured graph's gpu_graphs.AddressTable, on the device; only where
-    takes_table(x)): the kernels read the carry and the reference, and write the new
-    reference, where it points when they run; `x` and `inputs.ref` then only give the
-    shape, dtype and whether there is a reference, and "new_ref" is None."""
+    is made of, and `meta` (sizes and flags, int64: _meta_kernel) for the one small copy
+    back. With `table` (a captured graph's gpu_graphs.AddressTable, on the device; only
+    where takes_table(x)): the kernels read the carry and the reference, and write the
+    new reference, where it points when they run; `x` and `inputs.ref` then only give the
+    shape, dtype and whether there is a reference, and "new_ref" is None. Every small
+    step between the big kernels is a kernel of ours or a view: in a captured graph each
+    torch op is a node of a few microseconds."""
     device = x.device
     delta = inputs.ref is not None
     through = _through_args(x, table)
-    if delta:
-        loud_idx, n_loud = inputs.loud_idx, inputs.n_loud
-    center, spread = _centre_and_spread(x, inputs.center, through)
+    layout = _Payload(p, _geometry(p, settings, delta))
+    payload = torch.empty(layout.capacity, dtype=torch.uint8, device=device)
+    # 1. statistics (a key's centre also into the message; a delta's comes with its stream)
+    center, spread = _centre_and_spread(x, inputs.center, through, None if delta else layout.view(payload, "center"))
     centred_sq = torch.empty(p.batch * p.tokens, dtype=torch.float32, device=device)
     plain_sq = torch.empty_like(centred_sq)
     _token_sq_kernel[(p.batch * p.tokens,)](x, center, centred_sq, plain_sq, C=p.channels, CB=1024, **through)
-    if not delta:
-        if p.h:
-            loud_idx, n_loud = find_loud_fused(centred_sq, p)
-        else:
-            loud_idx = torch.full((1,), -1, dtype=torch.int64, device=device)
-            n_loud = torch.zeros((), dtype=torch.int64, device=device)
+    if not p.h:
+        loud = no_loud(p, device)
+    elif delta:
+        loud = given_loud(inputs.loud_idx, inputs.n_loud, p)
+    else:
+        loud = find_loud_fused(centred_sq, p)
     grid = _Grid(p, device)
-    loud_mask = _loud_mask(loud_idx, p.image_tokens)
-    common = {"pointers": (center, loud_mask, loud_idx, n_loud.to(torch.int32).reshape(1), grid.d2, *grid.dct_pieces),
+    common = {"pointers": (center, loud.mask, loud.idx, loud.count, grid.d2, *grid.dct_pieces),
               "split": x.dtype == torch.bfloat16}
     tot_sq = plain_sq.sum(dtype=torch.float64)
     numel = p.batch * p.tokens * p.channels
     ref = inputs.ref
+    # the buffers the kernels count into, zeroed at once: HIST_COPIES histograms, the
+    # context tables in use, the escapes, (2, N_CLASSES, C) float32 cells; each on 16
+    # bytes (the kernels' variants must not depend on the channel count)
+    sizes = [HIST_COPIES * HIST_BINS, N_BUCKETS, 4, 2 * N_CLASSES * p.channels]
+    hist, used, esc_count, cells = torch.zeros(sum(sizes), dtype=torch.int32, device=device).split(sizes)
+    hist, esc_count = hist.view(HIST_COPIES, HIST_BINS), esc_count[:1]
+    cells = cells.view(torch.float32).view(2, N_CLASSES, p.channels)
 
     # 2. step fit: coarse on a sample, fine on a larger one; before it, a delta's weight
     # on the reference (a key reads none, nor does the weight's own pass: any float32
@@ -893,22 +1012,17 @@ def launch_encode(x: torch.Tensor, p: Layout, settings, inputs: Inputs, keep: bo
     if delta:
         common["pred"] = fit.weight(common, x, ref, through)
     coarse = fit.errors(common, x, ref, fit.candidates(0, None), COARSE_SHARE, None, through)
-    cells = torch.zeros(2, N_CLASSES, p.channels, dtype=torch.float32, device=device)
     fine = fit.errors(common, x, ref, fit.candidates(1, coarse), FINE_SHARE, (cells[0], cells[1]), through)
-    layout = _Payload(p, _geometry(p, settings, delta))
-    payload = torch.empty(layout.capacity, dtype=torch.uint8, device=device)
     step, steps_c, inv_c = fit.candidates(2, fine, steps_out=layout.view(payload, "steps"))
     steps_c, inv_c = steps_c[0], inv_c[0]
 
     # 3. contexts and quantisation
     buckets = layout.view(payload, "buckets")
-    used = torch.zeros(N_BUCKETS, dtype=torch.int32, device=device)
     _buckets_kernel[(-(-p.channels // GLUE_CHANNELS),)](cells[0], cells[1], steps_c, buckets, used, p.channels,
                                                        NCLS=N_CLASSES, CLS_BLOCK=triton.next_power_of_2(N_CLASSES),
                                                        CB=GLUE_CHANNELS, OFFSET=BUCKET_OFFSET, NB=N_BUCKETS)
     max_rows = p.fixed_rows + p.loud_capacity
     symbols = torch.empty(max_rows * p.channels, dtype=torch.int32, device=device)
-    esc_count = torch.zeros(1, dtype=torch.int32, device=device)
     esc_pos = torch.empty(ESCAPE_CAPACITY, dtype=torch.int64, device=device)
     esc_val = torch.empty(ESCAPE_CAPACITY, dtype=torch.float32, device=device)
     # the new reference goes to a new buffer: the old one stays whole if this path gives up
@@ -926,7 +1040,6 @@ def launch_encode(x: torch.Tensor, p: Layout, settings, inputs: Inputs, keep: bo
                                        HAS_REF=delta, WRITE_REF=keep, EXACT=EXACT_TOKENS,
                                        MAXE=MAX_EXP, ESC=ESCAPE, SPLIT=SPLIT if common["split"] else 0, **through,
                                        **grid.args(), **({"maxnreg": QUANTISE_MAXNREG} if QUANTISE_MAXNREG else {}))
-    hist = torch.zeros(HIST_COPIES, HIST_BINS, dtype=torch.int32, device=device)
     _histogram_kernel[(-(-keys.numel() // HIST_BLOCK),)](keys, keys.numel(), hist, HIST_COPIES, BINS=HIST_BINS,
                                                          BLOCK=HIST_BLOCK)
     tables = (torch.empty(HIST_BINS, dtype=torch.int32, device=device),
@@ -934,21 +1047,18 @@ def launch_encode(x: torch.Tensor, p: Layout, settings, inputs: Inputs, keep: bo
     _tables_kernel[(N_BUCKETS,)](hist, HIST_COPIES, used, share, layout.view(payload, "freq"), *tables, ALPHA=ALPHABET,
                                  SCALE=PROB_SCALE, BINS=HIST_BINS, num_warps=1)
 
-    # 4. rANS, sized for the most loud rows
-    n_dev = (p.fixed_rows + n_loud) * p.channels
+    # 4. rANS, sized for the most loud rows; the words back to back after the parts the
+    # kernels above wrote in place
     counts = layout.view(payload, "group_words")
-    buf = entropy_triton.encode(symbols, n_dev, tables, layout.geo, counts, layout.view(payload, "states"))
-    # 5. the message, packed on the device: the parts above were written in place; the
-    # centre (key messages), then the words back to back
-    layout.view(payload, "center").copy_(center)
+    buf = entropy_triton.encode(symbols, loud.n_sym, tables, layout.geo, counts, layout.view(payload, "states"))
     entropy_triton.gather_words(buf, counts, layout.view(payload, "words"))
     sorted_pos, sorted_val = torch.empty_like(esc_pos), torch.empty_like(esc_val)
     _sort_escapes_kernel[(1,)](esc_count, esc_pos, esc_val, sorted_pos, sorted_val, CAP=ESCAPE_CAPACITY, num_warps=8)
-    meta = torch.cat([counts.sum(dtype=torch.int64).reshape(1), esc_count.to(torch.int64), n_loud.reshape(1).long(),
-                      step.reshape(1).view(torch.int32).long(), tot_sq.reshape(1).view(torch.int64),
-                      common["pred"][:1].view(torch.int32).long(), loud_idx])
+    meta = torch.empty(6 + loud.idx.numel(), dtype=torch.int64, device=device)
+    _meta_kernel[(1,)](counts, counts.numel(), esc_count, loud.count, step, tot_sq, common["pred"], loud.idx,
+                       loud.idx.numel(), meta, BLOCK=1024)
     return {"meta": meta, "payload": payload, "layout": layout, "center": center, "esc_pos": sorted_pos,
-            "esc_val": sorted_val, "new_ref": new_ref, "loud_idx": loud_idx}
+            "esc_val": sorted_val, "new_ref": new_ref, "loud_idx": loud.idx}
 
 
 class _Payload:
