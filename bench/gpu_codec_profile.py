@@ -24,15 +24,23 @@ from gpu_codec_check import profiled  # this script's folder is on the path when
 
 
 def kernel_table(fn) -> dict:
-    """-> {"total_ms", "launches", "kernels": {name: [launches, ms]}} for one call, on the GPU."""
+    """-> {"total_ms", "span_ms", "launches", "kernels": {name: [launches, ms]}} for one call,
+    on the GPU: total_ms sums the kernels' and copies' times; span_ms runs from the first's
+    start to the last's end, so it also counts the gaps between them (a graph's small
+    nodes cost those too)."""
     rows: dict = defaultdict(lambda: [0, 0.0])
+    starts, ends = [], []
     for e in profiled(fn).events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
             row = rows[e.name[:70]]
             row[0] += 1
             row[1] += e.device_time / 1e3
+            starts.append(e.time_range.start)
+            ends.append(e.time_range.end)
     ordered = sorted(rows.items(), key=lambda kv: -kv[1][1])
-    return {"total_ms": round(sum(v[1] for v in rows.values()), 3), "launches": sum(v[0] for v in rows.values()),
+    return {"total_ms": round(sum(v[1] for v in rows.values()), 3),
+            "span_ms": round((max(ends) - min(starts)) / 1e3, 3) if starts else 0.0,
+            "launches": sum(v[0] for v in rows.values()),
             "kernels": {k: [v[0], round(v[1], 4)] for k, v in ordered}}
 
 

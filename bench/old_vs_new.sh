@@ -20,6 +20,7 @@ def kern(kind, name):  # a kernel's time in the encode or decode of one kind of 
     return (d[kind + '_encode']['top'].get(name) or d[kind + '_decode']['top'].get(name) or [0, None])[1]
 print(json.dumps({'tree': os.environ['TREE'], 'ratio': [d['ratio_key'], d['ratio_delta']],
                   'pair': [d['pair_key_ms'], d['pair_delta_ms']], 'gpu_ms': [d[s]['gpu_ms'] for s in sides],
+                  'span_ms': [d[s].get('span_ms') for s in sides], 'launches': [d[s]['launches'] for s in sides],
                   **{k: [kern('key', k), kern('delta', k)] for k in os.environ['KERNELS'].split()}}))"
     done
 done

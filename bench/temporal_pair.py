@@ -68,7 +68,7 @@ def main() -> int:
     }
     for name, call in calls.items():
         table = kernel_table(call)
-        report[name] = {"gpu_ms": table["total_ms"], "launches": table["launches"],
+        report[name] = {"gpu_ms": table["total_ms"], "span_ms": table["span_ms"], "launches": table["launches"],
                         "top": dict(list(table["kernels"].items())[:7])}
     report["pair_key_ms"] = round(report["key_encode"]["gpu_ms"] + report["key_decode"]["gpu_ms"], 3)
     report["pair_delta_ms"] = round(report["delta_encode"]["gpu_ms"] + report["delta_decode"]["gpu_ms"], 3)
