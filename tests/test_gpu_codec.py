@@ -407,7 +407,9 @@ def test_fused_loud_token_search_matches_the_torch_one():
 
 def test_fused_centre_and_spread_match_the_torch_statistics():
     """The one-kernel sampling, centre and spread give gpu_layout's values: the medians
-    exactly, the RMS fallback (a channel stuck on one value but for a few) to rounding."""
+    exactly (ties, a centre given off the samples, a float32 carry whose centre rounds to
+    bf16), the RMS fallback (a channel stuck on one value but for a few) to rounding; the
+    centre also goes to the message's part when asked."""
     _run_with_triton(
         "import torch\n"
         "from comfy_mesh.codec.gpu_kernels import _centre_and_spread\n"
@@ -417,6 +419,7 @@ def test_fused_centre_and_spread_match_the_torch_statistics():
         "x = (torch.randn(2, 700, 24, generator=g) * torch.rand(24, generator=g) + torch.randn(24, generator=g))\n"
         "x[..., 5] = 3.0\n"
         "x[0, ::7, 5] = 3.5  # MAD 0, RMS not\n"
+        "x[..., 7] = (x[..., 7] * 2).round() / 2  # many ties\n"
         "x = x.bfloat16().to(dev)\n"
         "rows = sample_rows(x)\n"
         "centre = channel_centre(rows)\n"
@@ -427,6 +430,14 @@ def test_fused_centre_and_spread_match_the_torch_statistics():
         "given = centre + 0.25\n"
         "c2, s2 = _centre_and_spread(x, given)\n"
         "assert c2 is given and torch.allclose(s2, channel_spread(rows - given), rtol=1e-6, atol=0)\n"
+        "message = torch.zeros(24, dtype=torch.bfloat16, device=dev)\n"
+        "_centre_and_spread(x, None, message_centre=message)\n"
+        "assert torch.equal(message.float(), centre)\n"
+        "xf = x.float() + torch.randn(x.shape, generator=g).to(dev) * 1e-3\n"
+        "rows = sample_rows(xf)\n"
+        "centre = channel_centre(rows)\n"
+        "c3, s3 = _centre_and_spread(xf, None)\n"
+        "assert torch.equal(c3, centre) and torch.allclose(s3, channel_spread(rows - centre), rtol=1e-6, atol=0)\n"
         "print('same statistics')\n", "same statistics")
 
 
