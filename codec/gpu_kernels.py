@@ -637,7 +637,7 @@ if triton is not None:
         item, after N_TXT text tokens of T) centred squared norms; -> the loud ones'
         indices, ascending, then -1 up to CAP, and their count; each image token's mask
         byte (1: loud) and the count of symbols to code, (FIXED_ROWS + count) * C (int32),
-        which were five small kernels more. The lower median and the CAP-th largest norm
+        in place of five small kernels after it. The lower median and the CAP-th largest norm
         by radix select on the float bits (non-negative floats order like their bits), 4
         bits a pass; of equal norms at the cut, the first."""
         r_med = (n - 1) // 2
@@ -709,9 +709,9 @@ if triton is not None:
                               CB: tl.constexpr, HAS_CENTRE: tl.constexpr, TO_MESSAGE: tl.constexpr,
                               THROUGH: tl.constexpr, X_DT: tl.constexpr):
         """gpu_layout's sample_rows, channel_centre (unless HAS_CENTRE: given; with
-        TO_MESSAGE also as bf16 at message_centre_ptr, the message's part) and channel_spread for CB
-        channels: R evenly spaced rows of the (n, C) carry, one bitonic sort for both
-        medians. THROUGH: the carry comes from the address table."""
+        TO_MESSAGE also as bf16 at message_centre_ptr, the message's part) and
+        channel_spread for CB channels: R evenly spaced rows of the (n, C) carry, one
+        bitonic sort for both medians. THROUGH: the carry comes from the address table."""
         if THROUGH:
             x_ptr = _through(table_ptr, SLOT_X, X_DT)
         ch = tl.program_id(0) * CB + tl.arange(0, CB)
@@ -884,8 +884,8 @@ def given_loud(idx: torch.Tensor, count: torch.Tensor, p: Layout) -> Loud:
 
 def no_loud(p: Layout, device) -> Loud:
     """Loud for a carry without an image grid: none."""
-    return Loud(torch.full((1,), -1, dtype=torch.int64, device=device), torch.zeros((), dtype=torch.int64, device=device),
-                torch.zeros(1, dtype=torch.uint8, device=device),
+    return Loud(torch.full((1,), -1, dtype=torch.int64, device=device),
+                torch.zeros((), dtype=torch.int64, device=device), torch.zeros(1, dtype=torch.uint8, device=device),
                 torch.full((1,), p.fixed_rows * p.channels, dtype=torch.int32, device=device))
 
 
@@ -920,8 +920,8 @@ class _StepFit:
         inv = torch.empty_like(steps)
         (err, n_err), scale, prev = previous if previous is not None else ((self.tot_sq, 0), 1.0, cand)
         _candidates_kernel[(-(-c // GLUE_CHANNELS),)](
-            err, n_err, scale, self.rel_err, self.tot_sq, self.twelve_over_n, prev, self.ratios[min(mode, 1)], self.spread,
-            self.floor, cand, steps, inv, steps_out if steps_out is not None else cand, c, K=CANDIDATES,
+            err, n_err, scale, self.rel_err, self.tot_sq, self.twelve_over_n, prev, self.ratios[min(mode, 1)],
+            self.spread, self.floor, cand, steps, inv, steps_out if steps_out is not None else cand, c, K=CANDIDATES,
             CB=GLUE_CHANNELS, MODE=mode, FINEST=FINEST_STEP)
         return cand, steps, inv
 
