@@ -125,11 +125,11 @@ def run(device: str = "cpu", channels: int = 768, repeat: int = 3, codecs: list[
     entries = corpus(channels=channels)
     layout = CorpusSpec().layout
     results = []
-    usable = capabilities()
+    asked = [name for name in DEFAULT_GRID if codecs is None or name in codecs]
+    usable = capabilities(asked)  # (only those: nvenc's probe opens an encoder session)
     grid = {}
-    for name, settings_list in DEFAULT_GRID.items():
-        if codecs is not None and name not in codecs:
-            continue
+    for name in asked:
+        settings_list = DEFAULT_GRID[name]
         if usable[name][0]:
             grid[name] = settings_list
         else:  # (nvenc on a card without an encoder, x265 without PyAV): said, not left out silently

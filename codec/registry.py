@@ -44,13 +44,15 @@ def _capability(cls: type, probe_name: str = "capability") -> tuple[bool, str]:
     return (True, "always available") if probe is None else probe()
 
 
-def capabilities() -> dict[str, tuple[bool, str]]:
-    """Every registered codec: (usable for encoding on this machine, why or why not).
+def capabilities(names: Iterable[str] | None = None) -> dict[str, tuple[bool, str]]:
+    """Every registered codec, or those `names` (an unknown one raises CodecError):
+    (usable for encoding on this machine, why or why not).
 
     Probes run once per process (nvenc opens an NVENC session to find out: about 0.5 s
-    the first time on a GPU machine).
+    the first time on a GPU machine; naming the codecs wanted skips the others' probes).
     """
-    return {name: _capability(_CODECS[name]) for name in sorted(_CODECS)}
+    wanted = sorted(_CODECS if names is None else set(names))
+    return {name: _capability(_codec_class(name)) for name in wanted}
 
 
 def decode_capabilities() -> dict[str, tuple[bool, str]]:

@@ -434,6 +434,10 @@ def test_registry_capabilities():
     assert {"cpu", "raw", "x265"} <= set(available())
     for name, (usable, reason) in caps.items():
         assert isinstance(usable, bool) and reason, name
+    # only the codecs asked for are probed (nvenc's probe opens an encoder session)
+    assert capabilities(["x265", "raw"]) == {"raw": caps["raw"], "x265": caps["x265"]}
+    with pytest.raises(CodecError, match="unknown codec 'nope'"):
+        capabilities(["raw", "nope"])
     decoding = decode_capabilities()
     assert set(decoding) == set(caps) and decoding["x265"][0]
     assert decoding["nvenc"][0]  # with NVDEC, or else in software
