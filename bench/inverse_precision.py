@@ -46,9 +46,7 @@ def main() -> int:
         row = {}
         for name, msg, x in (("key", key, a), ("delta", delta, b)):
             def call():
-                state = StreamState() if msg is key else StreamState(seq=received.seq, reference=received.reference,
-                                                                     signature=received.signature)
-                return codec.decode(msg, dev, state=state)
+                return codec.decode(msg, dev, state=StreamState() if msg is key else received.copy())
             y = call()
             exact.setdefault(name, y)
             inverse = [v[1] for k, v in kernel_table(call)["kernels"].items() if "_inverse_kernel" in k]

@@ -23,11 +23,6 @@ from comfy_mesh.codec.corpus import CorpusSpec, synthetic_steps
 from gpu_codec_profile import kernel_table  # this script's folder is on the path when it runs
 
 
-def _from(state: StreamState) -> StreamState:
-    """A copy of a stream's state to start a call from (each call moves its state on)."""
-    return StreamState(seq=state.seq, reference=state.reference, signature=state.signature)
-
-
 def _set_prob_bits(bits: int) -> None:
     """Every module's copy of the rANS probability precision, before anything is coded."""
     from comfy_mesh.codec import entropy, entropy_triton, gpu, gpu_kernels
@@ -54,17 +49,17 @@ def main() -> int:
     codec = get("gpu", rel_err=args.rel_err, **({"min_steps": args.min_steps} if args.min_steps else {}))
     sent, received = StreamState(), StreamState()
     key = codec.encode(a, state=sent, layout=spec.layout)
-    before_key = _from(received)
+    before_key = received.copy()
     codec.decode(key, dev, state=received)
-    delta = codec.encode(b, state=_from(sent), layout=spec.layout)
+    delta = codec.encode(b, state=sent.copy(), layout=spec.layout)
     assert delta.header["stream"]["delta"], "the second message should be a delta"
     report = {"gpu": torch.cuda.get_device_name(), "carry_mb": a.numel() * 2 / 1e6, "prob_bits": args.prob_bits,
               "ratio_key": round(a.numel() * 2 / key.nbytes, 3), "ratio_delta": round(b.numel() * 2 / delta.nbytes, 3)}
     calls = {
         "key_encode": lambda: codec.encode(a, state=StreamState(), layout=spec.layout),
-        "key_decode": lambda: codec.decode(key, dev, state=_from(before_key)),
-        "delta_encode": lambda: codec.encode(b, state=_from(sent), layout=spec.layout),
-        "delta_decode": lambda: codec.decode(delta, dev, state=_from(received)),
+        "key_decode": lambda: codec.decode(key, dev, state=before_key.copy()),
+        "delta_encode": lambda: codec.encode(b, state=sent.copy(), layout=spec.layout),
+        "delta_decode": lambda: codec.decode(delta, dev, state=received.copy()),
     }
     for name, call in calls.items():
         table = kernel_table(call)

@@ -47,8 +47,7 @@ def main() -> int:
         codec.encode(a, state=enc, layout=spec.layout)
 
         def delta():
-            state = StreamState(seq=enc.seq, reference=enc.reference, signature=enc.signature)
-            return codec.encode(b, state=state, layout=spec.layout)
+            return codec.encode(b, state=enc.copy(), layout=spec.layout)
 
         row["delta"] = {k: v[1] for k, v in kernel_table(delta)["kernels"].items() if k in KERNELS}
         report[config] = row

@@ -8,7 +8,7 @@ the transport sends the header as one frame and each buffer as its own frame.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -77,6 +77,11 @@ class StreamState:
 
     def reset(self) -> None:
         self.seq, self.reference, self.signature = -1, None, None
+
+    def copy(self) -> "StreamState":
+        """This state to start another call from: encoding or decoding moves a state on
+        (the reference is shared, not copied: codecs replace it, never change it)."""
+        return replace(self)
 
 
 @runtime_checkable

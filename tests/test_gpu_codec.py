@@ -205,7 +205,7 @@ def test_a_delta_codes_the_change_from_the_weighted_reference(monkeypatch):
     codec = get("gpu", rel_err=0.05, min_steps=1024)
     enc, dec = StreamState(), StreamState()
     decode(codec.encode(a, state=enc, layout=spec.layout), state=dec)
-    before = StreamState(seq=dec.seq, reference=dec.reference, signature=dec.signature)
+    before = dec.copy()
     delta = codec.encode(b, state=enc, layout=spec.layout)
     pred = delta.header["pred"]
     assert 0.85 <= pred <= 0.97 and pred == float(torch.tensor(pred).bfloat16()), pred
@@ -222,7 +222,7 @@ def test_a_delta_codes_the_change_from_the_weighted_reference(monkeypatch):
     for bad in (PRED_MAX * 2, -0.5, float("nan"), "0.9", True, None):
         with pytest.raises(CodecError, match="delta weight"):
             decode(EncodedTensor(delta.header | {"pred": bad}, delta.buffers),
-                   state=StreamState(seq=before.seq, reference=before.reference, signature=before.signature))
+                   state=before.copy())
 
 
 def test_lost_message_is_detected_and_a_key_message_recovers():
