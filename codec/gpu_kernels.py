@@ -722,8 +722,8 @@ if triton is not None:
         M: tl.constexpr = (R - 1) // 2  # the lower median's rank
         if HAS_CENTRE:  # (a delta's: one sort, of the distances)
             centre = tl.load(centre_ptr + ch, mask=cm, other=0.0)
-            far = tl.sort(tl.abs(v - centre[:, None]), dim=1)
-            mad = 1.4826 * tl.sum(tl.where(r[None, :] == M, far, 0.0), 1)
+            distances = tl.sort(tl.abs(v - centre[:, None]), dim=1)
+            mad = 1.4826 * tl.sum(tl.where(r[None, :] == M, distances, 0.0), 1)
         else:
             ranked = tl.sort(v, dim=1)
             # (to bf16 as torch rounds: Triton's interpreter would truncate)
